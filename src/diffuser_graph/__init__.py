@@ -1,0 +1,29 @@
+"""diffuser-graph: Diffuser (multi-hop attention diffusion) as a graph neural network on DGL.
+
+Pipeline: a :class:`PatternSpec` describes which keys each query sees; :func:`build_graph` makes it a
+DGL graph; :func:`diffusion_attention` computes edge attention and diffuses values along it.
+"""
+
+import os as _os
+
+# DGL picks its backend at import time; say "pytorch" so it neither guesses nor warns.
+_os.environ.setdefault("DGLBACKEND", "pytorch")
+
+from .attention import DiffuserAttention, diffuse, diffusion_attention, edge_attention, heat_weights  # noqa: E402
+from .graph import PackedBatch, batch_graphs, build_graph, to_networkx, to_scipy  # noqa: E402
+from .patterns import PatternSpec, official_pattern, pattern_edges  # noqa: E402
+from .reference import (  # noqa: E402
+    dense_attention_matrix,
+    dense_diffusion_attention,
+    dense_mask,
+    diffusion_operator,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PatternSpec", "pattern_edges", "official_pattern",
+    "build_graph", "batch_graphs", "PackedBatch", "to_scipy", "to_networkx",
+    "diffusion_attention", "edge_attention", "diffuse", "heat_weights", "DiffuserAttention",
+    "dense_mask", "dense_attention_matrix", "diffusion_operator", "dense_diffusion_attention",
+]
