@@ -12,11 +12,20 @@ _os.environ.setdefault("DGLBACKEND", "pytorch")
 from .attention import DiffuserAttention, diffuse, diffusion_attention, edge_attention, heat_weights  # noqa: E402
 from .graph import PackedBatch, batch_graphs, build_graph, to_networkx, to_scipy  # noqa: E402
 from .patterns import PatternSpec, official_pattern, pattern_edges  # noqa: E402
+from .reach import Condition, ReachStats, khop_receptive_field, reach_stats, ua_conditions  # noqa: E402
 from .reference import (  # noqa: E402
     dense_attention_matrix,
     dense_diffusion_attention,
     dense_mask,
     diffusion_operator,
+)
+from .spectral import (  # noqa: E402
+    SpectralStats,
+    complete_graph_stats,
+    diffused_spectrum,
+    diffusion_eigenvalue_map,
+    eigenvalues,
+    spectral_stats,
 )
 
 __version__ = "0.1.0"
@@ -26,4 +35,7 @@ __all__ = [
     "build_graph", "batch_graphs", "PackedBatch", "to_scipy", "to_networkx",
     "diffusion_attention", "edge_attention", "diffuse", "heat_weights", "DiffuserAttention",
     "dense_mask", "dense_attention_matrix", "diffusion_operator", "dense_diffusion_attention",
+    "SpectralStats", "spectral_stats", "complete_graph_stats", "eigenvalues",
+    "diffusion_eigenvalue_map", "diffused_spectrum",
+    "ReachStats", "reach_stats", "Condition", "ua_conditions", "khop_receptive_field",
 ]

@@ -34,6 +34,18 @@ def heat_weights(hops: int, t: float) -> list[float]:
     return [w / total for w in raw]
 
 
+def series_coefficients(alpha: float, hops: int, kernel: str, t: float) -> list[float]:
+    """``theta_0..theta_K`` of the diffused operator ``sum_k theta_k A^k`` after ``hops`` = K steps.
+
+    PPR: ``alpha (1-alpha)^k`` for ``k < K`` and ``(1-alpha)^K`` for ``k = K``; heat: the weights
+    of :func:`heat_weights`. They sum to 1.
+    """
+    check_diffusion_args(alpha, hops, kernel, t)
+    if kernel == "ppr":
+        return [alpha * (1 - alpha) ** k for k in range(hops)] + [(1 - alpha) ** hops]
+    return heat_weights(hops, t)
+
+
 def check_diffusion_args(alpha: float, hops: int, kernel: str, t: float) -> None:
     """Raise ``ValueError`` naming the first diffusion argument outside its allowed range."""
     if kernel not in KERNELS:
