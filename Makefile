@@ -20,5 +20,8 @@ test: $(STAMP)  ## install and run the whole test suite
 test-fast: $(STAMP)  ## skip tests marked slow
 	$(BIN)/python -m pytest -m "not slow"
 
+spectral: $(STAMP)  ## install and run the spectral sweep on the shipped config
+	$(BIN)/diffuser-graph spectral configs/spectral.yaml
+
 clean-venv:
 	rm -rf $(VENV)

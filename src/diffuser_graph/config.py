@@ -1,0 +1,105 @@
+"""YAML configs validated by pydantic, with dotted command-line overrides and atomic writes.
+
+``load_config("configs/spectral.yaml", SpectralConfig, ["seq_lens=[512,1024]", "seed=3"])``
+reads the YAML, applies each ``key.path=value`` override (the value is parsed as YAML) and
+validates the result. Any problem raises :class:`ConfigError` naming the key path and what is
+allowed, before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Type, TypeVar
+
+import pydantic
+import yaml
+
+Model = TypeVar("Model", bound=pydantic.BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key path."""
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"model.hops=3"`` -> ``(["model", "hops"], 3)``; the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """A copy of ``data`` with each ``key.path=value`` override set (missing levels created)."""
+    data = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(path[:depth + 1])} is not a "
+                                  f"section (it holds {child!r})")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def describe_validation_error(err: pydantic.ValidationError) -> str:
+    """One line per problem: ``key.path: message (got value)``."""
+    lines = []
+    for problem in err.errors():
+        where = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        got = problem.get("input")
+        shown = "" if problem["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {where}: {problem['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def validate_config(data: Any, model: Type[Model], source: str = "config") -> Model:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys to values at the top level, "
+                          f"got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as err:
+        raise ConfigError(f"{source} is invalid:\n{describe_validation_error(err)}") from None
+
+
+def load_config(path: str | os.PathLike, model: Type[Model], overrides: Iterable[str] = ()) -> Model:
+    """Read YAML at ``path``, apply dotted ``overrides`` and validate against ``model``."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    overrides = list(overrides)
+    source = str(path) + (f" with overrides {overrides}" if overrides else "")
+    return validate_config(apply_overrides(data, overrides) if isinstance(data, dict) else data,
+                           model, source)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
+                                     encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, path)
+
+
+def dump_config(config: pydantic.BaseModel) -> str:
+    """The fully resolved config as YAML (what a run folder keeps)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
