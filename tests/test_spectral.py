@@ -27,6 +27,16 @@ def paley(q):
                      for i in range(q)])
 
 
+def random_connected_graph(n, density, seed):
+    """Symmetric 0/1 Erdos-Renyi adjacency plus a Hamiltonian cycle, so it is connected."""
+    rng = np.random.default_rng(seed)
+    upper = np.triu(rng.random((n, n)) < density, 1)
+    adj = (upper | upper.T).astype(float)
+    ring = (np.arange(n) + 1) % n
+    adj[np.arange(n), ring] = adj[ring, np.arange(n)] = 1
+    return adj
+
+
 @pytest.mark.parametrize("n", [5, 12, 40])
 def test_cycle_eigenvalues_are_cosines(n):
     expected = np.sort(np.cos(2 * np.pi * np.arange(n) / n))[::-1]
@@ -67,11 +77,8 @@ def test_random_regular_graphs_are_nearly_ramanujan(d, n):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_eigenvalues_match_numpy_on_random_graphs(seed):
-    rng = np.random.default_rng(seed)
     n = 30
-    upper = np.triu(rng.random((n, n)) < 0.3, 1)
-    adj = (upper | upper.T).astype(float)
-    adj[np.arange(n), (np.arange(n) + 1) % n] = adj[(np.arange(n) + 1) % n, np.arange(n)] = 1
+    adj = random_connected_graph(n, 0.3, seed)
     degree = adj.sum(1)
     p = adj / np.sqrt(np.outer(degree, degree))
     expected = np.sort(np.linalg.eigvalsh(p))[::-1]
@@ -106,11 +113,7 @@ def brute_force_conductance(adj):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_cheeger_bounds_and_sweep_cut(seed):
-    rng = np.random.default_rng(seed)
-    n = 11
-    upper = np.triu(rng.random((n, n)) < 0.35, 1)
-    adj = (upper | upper.T).astype(float)
-    adj[np.arange(n - 1), np.arange(1, n)] = adj[np.arange(1, n), np.arange(n - 1)] = 1
+    adj = random_connected_graph(11, 0.35, seed)
     stats = spectral_stats(adj)
     phi = brute_force_conductance(adj)
     assert stats.cheeger_lower <= phi + 1e-12

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
+
+import yaml
 
 from .config import ConfigError, apply_overrides, load_config, validate_config
 
@@ -16,10 +19,49 @@ SPECTRAL_EXAMPLES = """examples:
 """
 
 PATTERN_EXAMPLES = """examples:
-  diffuser-graph pattern --length 4096 kind=official
-  diffuser-graph pattern --length 2048 window=32 num_global=2 num_random=3
+  diffuser-graph pattern --length 4096 kind=official --out official.png
+  diffuser-graph pattern --length 2048 window=32 num_global=2 num_random=3 --out p.png --hops 3
   diffuser-graph pattern --length 1024 kind=grid image_size=[32,32] window=2 --json
+  diffuser-graph pattern --config my_pattern.yaml num_random=8 --length 512
 """
+
+
+def _pattern_fields(config: Optional[str], fields: Sequence[str]) -> dict:
+    """PatternSpec fields from an optional YAML file (the spec, or a ``pattern:`` section)."""
+    data: dict = {}
+    if config is not None:
+        try:
+            data = yaml.safe_load(Path(config).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"pattern config {config} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"pattern config {config} is not valid YAML: {err}") from None
+        if isinstance(data, dict) and isinstance(data.get("pattern"), dict):
+            data = data["pattern"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"pattern config {config} must hold a mapping of PatternSpec fields")
+    return apply_overrides(data, fields)
+
+
+def _draw_pattern(g, spec, query: int, hops: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .visualize import draw_adjacency, draw_degree_histogram, draw_receptive_field
+
+    fig = plt.figure(figsize=(13, 4.6))
+    grid = fig.add_gridspec(1, 3, width_ratios=[1.1, 1, 1.3])
+    draw_adjacency(fig.add_subplot(grid[0]), g)
+    draw_degree_histogram(fig.add_subplot(grid[1]), g)
+    draw_receptive_field(fig.add_subplot(grid[2]), g, query, hops,
+                         spec.image_size if spec.kind == "grid" else None)
+    fig.suptitle(f"{spec.kind} pattern {spec.model_dump(exclude_defaults=True)}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _spectral(args: argparse.Namespace) -> int:
@@ -38,11 +80,14 @@ def _pattern(args: argparse.Namespace) -> int:
     from .reach import reach_stats, ua_conditions
     from .spectral import spectral_stats
 
-    spec = validate_config(apply_overrides({}, args.fields), PatternSpec, "pattern fields")
+    spec = validate_config(_pattern_fields(args.config, args.fields), PatternSpec, "pattern")
     try:
         g = build_graph(args.length, spec)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    query = args.length // 2 if args.query is None else args.query
+    if not 0 <= query < args.length:
+        raise ConfigError(f"--query must be in [0, {args.length}), got {query}")
     stats = spectral_stats(g, seed=spec.seed).as_dict()
     reach = reach_stats(g, max_hops=args.hops, seed=spec.seed).as_dict()
     conditions = {name: {"holds": c.holds, "reason": c.reason}
@@ -50,6 +95,8 @@ def _pattern(args: argparse.Namespace) -> int:
     report = {"pattern": spec.model_dump(mode="json"), "length": args.length,
               "directed_edges": g.num_edges(), "spectral": stats, "reach": reach,
               "ua_conditions": conditions}
+    if args.out:
+        _draw_pattern(g, spec, query, args.hops, Path(args.out))
     if args.json:
         print(json.dumps(report, indent=1, default=str))
         return 0
@@ -63,6 +110,8 @@ def _pattern(args: argparse.Namespace) -> int:
                                                 for k, v in reach["coverage"].items()))
     for name, c in conditions.items():
         print(f"  {name:>18}: {c['holds']} ({c['reason']})")
+    if args.out:
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -93,9 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=PATTERN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     pattern.add_argument("fields", nargs="*", metavar="field=value",
                          help="PatternSpec fields, e.g. window=32 num_random=3")
+    pattern.add_argument("--config", default=None,
+                         help="YAML file with PatternSpec fields (or a 'pattern:' section)")
     pattern.add_argument("--length", type=int, required=True, help="sequence length")
     pattern.add_argument("--hops", type=int, default=5,
-                         help="K for coverage and the bounded-reach condition (default 5)")
+                         help="K for coverage, the receptive field and the bounded-reach "
+                              "condition (default 5)")
+    pattern.add_argument("--out", default=None,
+                         help="write a PNG: adjacency, keys per query, K-hop receptive field")
+    pattern.add_argument("--query", type=int, default=None,
+                         help="query token of the receptive field (default: the middle one)")
     pattern.add_argument("--json", action="store_true", help="print the report as JSON")
     pattern.set_defaults(handler=_pattern)
     return parser
