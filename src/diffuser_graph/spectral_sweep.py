@@ -19,6 +19,7 @@ import networkx as nx
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
@@ -28,7 +29,7 @@ from .patterns import PatternSpec
 from .reach import reach_stats
 from .reference import dense_attention_matrix, dense_mask
 from .spectral import (complete_graph_stats, diffused_spectrum, diffusion_eigenvalue_map,
-                       eigenvalues, spectral_stats)
+                       eigenvalues, spectral_stats, symmetrised)
 
 DEFAULT_VARIANTS = {
     "window": PatternSpec(window=32),
@@ -165,10 +166,10 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return shown.to_markdown(index=False, floatfmt=".4g")
 
 
-def _plot_gap_vs_length(frame: pd.DataFrame, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def plot_gap_vs_length(frame: pd.DataFrame) -> Figure:
+    """Spectral gap ``1 - l2`` against length, one line per variant (log-log)."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
     for variant, part in frame.groupby("variant", sort=False):
         ax.plot(part["n"], part["one_sided_gap"].clip(lower=1e-7), marker="o", label=variant)
     ax.set_xscale("log", base=2)
@@ -179,15 +180,14 @@ def _plot_gap_vs_length(frame: pd.DataFrame, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def _plot_coverage(frame: pd.DataFrame, hops: int, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
+def plot_coverage(frame: pd.DataFrame, hops: int) -> Figure:
+    """K-hop coverage curves of every variant at the longest length in ``frame``."""
     longest = frame[frame["n"] == frame["n"].max()]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
     ks = list(range(1, hops + 1))
     for _, row in longest.iterrows():
         ax.plot(ks, [row[f"coverage_{k}"] for k in ks], marker="o", label=row["variant"])
@@ -198,40 +198,49 @@ def _plot_coverage(frame: pd.DataFrame, hops: int, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
-def _plot_histograms(spectra: Dict[str, np.ndarray], n: int, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    cols = min(3, len(spectra))
-    rows = math.ceil(len(spectra) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, (name, values) in zip(axes.ravel(), spectra.items()):
+def plot_eigenvalue_histograms(spectra: Dict[str, np.ndarray], n: int,
+                               mean_degrees: Optional[Dict[str, float]] = None) -> Figure:
+    """Histogram of the eigenvalues of ``P`` per variant (descending arrays), marking ``l2``
+    and, where ``mean_degrees`` gives d, the Ramanujan band ``±2 sqrt(d-1)/d``."""
+    names = list(spectra)
+    mean_degrees = mean_degrees or {}
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, name in zip(axes.ravel(), names):
+        values = spectra[name]
         ax.hist(values, bins=60, range=(-1, 1), color="tab:blue")
         ax.axvline(values[1], color="tab:red", linestyle="--", label=f"λ2 = {values[1]:.3f}")
+        if name in mean_degrees:
+            d = mean_degrees[name]
+            bound = 2 * math.sqrt(d - 1) / d
+            ax.axvspan(-bound, bound, color="tab:green", alpha=0.15,
+                       label=f"Ramanujan ±{bound:.3f} (d = {d:.0f})")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("eigenvalue of D^-1/2 S D^-1/2")
         ax.set_ylabel("count")
         ax.legend(fontsize=7)
-    for ax in axes.ravel()[len(spectra):]:
+    for ax in axes.ravel()[len(names):]:
         ax.axis("off")
     fig.suptitle(f"Eigenvalue histograms of the normalised pattern adjacency (n = {n})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def _plot_diffusion(spectra: Dict[str, np.ndarray], probe: DiffusionProbe, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+def plot_diffusion_spectrum(spectra: Dict[str, np.ndarray], probe: DiffusionProbe) -> Figure:
+    """Eigenvalues of one attention layer before/after diffusion, and the low-pass maps."""
+    fig = Figure(figsize=(11, 4.5))
+    left, right = fig.subplots(1, 2)
     for name, marker in (("A", "o"), ("ppr", "x"), ("ppr_inf", "+"), ("heat", ".")):
         values = spectra[name]
         left.scatter(values.real, values.imag, s=10, marker=marker,
                      label=f"{name} (|μ2| = {_second_modulus(values):.3f})")
-    left.add_patch(plt.Circle((0, 0), 1, fill=False, linestyle=":", color="grey"))
+    theta = np.linspace(0, 2 * np.pi, 200)
+    left.plot(np.cos(theta), np.sin(theta), linestyle=":", color="grey")
     left.set_aspect("equal")
     left.set_xlabel("Re μ")
     left.set_ylabel("Im μ")
@@ -252,23 +261,21 @@ def _plot_diffusion(spectra: Dict[str, np.ndarray], probe: DiffusionProbe, path:
     right.grid(True, alpha=0.3)
     right.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def run_spectral(config: SpectralConfig, out_dir: Optional[Path] = None,
                  progress: bool = True) -> Path:
     """Run the sweep and write every output; returns the output folder."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     out = Path(out_dir or config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     frame = sweep(config, progress=progress)
     variants = config.seeded_variants()
     hist_n = config.histogram_len
-    histograms = {name: eigenvalues(build_graph(hist_n, spec))
-                  for name, spec in variants.items() if _fits(spec, hist_n)}
+    graphs = {name: build_graph(hist_n, spec) for name, spec in variants.items()
+              if _fits(spec, hist_n)}
+    histograms = {name: eigenvalues(g) for name, g in graphs.items()}
+    mean_degrees = {name: symmetrised(g).sum() / hist_n for name, g in graphs.items()}
     spectra = diffusion_probe(config.diffusion, config.seed)
     diffusion_summary = {name: {"second_modulus": _second_modulus(values),
                                 "spectral_gap": 1.0 - _second_modulus(values)}
@@ -291,8 +298,12 @@ def run_spectral(config: SpectralConfig, out_dir: Optional[Path] = None,
         f"## Diffusion on one random attention layer (n = {config.diffusion.seq_len})\n\n"
         "| operator | second largest abs eigenvalue | spectral gap |\n|---|---|---|\n"
         f"{gap_lines}\n"))
-    _plot_gap_vs_length(frame, out / "gap_vs_length.png")
-    _plot_coverage(frame, config.coverage_hops, out / "coverage.png")
-    _plot_histograms(histograms, hist_n, out / "eigenvalue_histograms.png")
-    _plot_diffusion(spectra, config.diffusion, out / "diffusion_spectrum.png")
+    figures = {
+        "gap_vs_length.png": plot_gap_vs_length(frame),
+        "coverage.png": plot_coverage(frame, config.coverage_hops),
+        "eigenvalue_histograms.png": plot_eigenvalue_histograms(histograms, hist_n, mean_degrees),
+        "diffusion_spectrum.png": plot_diffusion_spectrum(spectra, config.diffusion),
+    }
+    for name, fig in figures.items():
+        fig.savefig(out / name, dpi=110)
     return out
