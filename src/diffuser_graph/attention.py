@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import PackedBatch
+from .graph import PackedBatch, Padding
 
 KERNELS = ("ppr", "heat")
+ATTENTION_KINDS = ("diffuser", "sparse", "full")
 
 
 def heat_weights(hops: int, t: float) -> list[float]:
@@ -167,8 +168,35 @@ def diffusion_attention(
     return (out, attn) if return_attention else out
 
 
+def full_attention(
+    lengths, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
+    """Dense softmax attention within each sequence (the Transformer baseline).
+
+    ``q, k, v: (N, H, D)`` are the packed tokens of sequences of ``lengths``; each sequence is
+    padded, attended with ``scaled_dot_product_attention`` under a key-padding mask, and packed
+    back to ``(N, H, D)``.
+    """
+    padding = Padding.from_lengths(lengths)
+    if q.shape[0] != padding.flat_index.numel():
+        raise ValueError(f"q, k, v have N={q.shape[0]} rows but lengths sum to "
+                         f"{padding.flat_index.numel()}")
+    _check_dropout("attn_dropout", attn_dropout)
+    key_mask = padding.mask.to(q.device)[:, None, None, :]  # (B, 1, 1, L)
+    heads = [padding.unpack(x).transpose(1, 2) for x in (q, k, v)]  # (B, H, L, D)
+    out = F.scaled_dot_product_attention(*heads, attn_mask=key_mask,
+                                         dropout_p=attn_dropout if training else 0.0)
+    return padding.pack(out.transpose(1, 2))
+
+
 class DiffuserAttention(nn.Module):
-    """Multi-head diffused attention: q/k/v projections, :func:`diffusion_attention`, output.
+    """Multi-head attention on a token graph: q/k/v projections, attention, output projection.
+
+    ``attention`` picks the function with the same parameters: ``"diffuser"`` (multi-hop
+    diffusion, :func:`diffusion_attention`), ``"sparse"`` (one hop on the same pattern:
+    ``hops=1, alpha=0``) or ``"full"`` (dense softmax over each whole sequence of the batched
+    graph, :func:`full_attention`; the graph's edges are not used).
 
     ``forward(g, x)`` takes node features ``x: (N, hidden)`` on graph ``g`` and returns
     ``(N, hidden)``; with a :class:`PackedBatch` instead of a graph it takes the padded
@@ -187,11 +215,17 @@ class DiffuserAttention(nn.Module):
         attn_dropout: float = 0.0,
         hop_dropout: float = 0.0,
         bias: bool = True,
+        attention: str = "diffuser",
     ) -> None:
         super().__init__()
         if num_heads < 1 or hidden_size < 1 or hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be a positive multiple of "
                              f"num_heads ({num_heads})")
+        if attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
+        if attention == "sparse":
+            alpha, hops = 0.0, 1
+        self.attention = attention
         check_diffusion_args(alpha, hops, kernel, t)
         _check_dropout("attn_dropout", attn_dropout)
         _check_dropout("hop_dropout", hop_dropout)
@@ -214,15 +248,27 @@ class DiffuserAttention(nn.Module):
         if x.dim() != 2 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"x must be (N, {self.hidden_size}), got {tuple(x.shape)}")
         heads = (x.shape[0], self.num_heads, self.head_dim)
-        result = diffusion_attention(
-            g, self.query(x).view(heads), self.key(x).view(heads), self.value(x).view(heads),
-            alpha=self.alpha, hops=self.hops, kernel=self.kernel, t=self.t,
-            attn_dropout=self.attn_dropout, hop_dropout=self.hop_dropout,
-            training=self.training, return_attention=return_attention)
-        out, attn = result if return_attention else (result, None)
+        q, k, v = (proj(x).view(heads) for proj in (self.query, self.key, self.value))
+        if self.attention == "full":
+            if return_attention:
+                raise ValueError("return_attention is only available for graph attention "
+                                 "(attention='diffuser' or 'sparse')")
+            if x.shape[0] != g.num_nodes():
+                raise ValueError(f"x has N={x.shape[0]} rows but the graph has "
+                                 f"{g.num_nodes()} nodes")
+            out, attn = full_attention(g.batch_num_nodes().tolist(), q, k, v,
+                                       attn_dropout=self.attn_dropout,
+                                       training=self.training), None
+        else:
+            result = diffusion_attention(
+                g, q, k, v, alpha=self.alpha, hops=self.hops, kernel=self.kernel, t=self.t,
+                attn_dropout=self.attn_dropout, hop_dropout=self.hop_dropout,
+                training=self.training, return_attention=return_attention)
+            out, attn = result if return_attention else (result, None)
         out = self.output(out.reshape(x.shape[0], self.hidden_size))
         return (out, attn) if return_attention else out
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
-                f"kernel={self.kernel!r}, alpha={self.alpha}, hops={self.hops}")
+                f"attention={self.attention!r}, kernel={self.kernel!r}, alpha={self.alpha}, "
+                f"hops={self.hops}")

@@ -1,4 +1,4 @@
-"""Command line: ``diffuser-graph spectral`` and ``diffuser-graph pattern``."""
+"""Command line: ``diffuser-graph train | eval | spectral | pattern``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,18 @@ from typing import Optional, Sequence
 import yaml
 
 from .config import ConfigError, apply_overrides, load_config, validate_config
+
+TRAIN_EXAMPLES = """examples:
+  diffuser-graph train configs/listops-small.yaml
+  diffuser-graph train configs/listops-small.yaml model.attention=sparse out_dir=runs/sparse
+  diffuser-graph train configs/listops-small.yaml model.hops=3 train.lr=3e-4
+  diffuser-graph train configs/listops-small.yaml --resume          # continue runs/listops-small
+  torchrun --nproc_per_node=2 -m diffuser_graph.cli train configs/listops-small.yaml
+"""
+
+EVAL_EXAMPLES = """examples:
+  diffuser-graph eval configs/listops-small.yaml --checkpoint runs/listops-small/best.pt
+"""
 
 SPECTRAL_EXAMPLES = """examples:
   diffuser-graph spectral configs/spectral.yaml
@@ -62,6 +74,30 @@ def _draw_pattern(g, spec, query: int, hops: int, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import CheckpointError, RunConfig, train
+
+    config = load_config(args.config, RunConfig, args.overrides)
+    try:
+        train(config, resume=args.resume, stop_after=args.stop_after, progress=not args.quiet)
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    print(f"run folder: {config.out_dir}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .train import CheckpointError, RunConfig, evaluate_checkpoint
+
+    config = load_config(args.config, RunConfig, args.overrides)
+    try:
+        results = evaluate_checkpoint(config, args.checkpoint, args.out)
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    print(json.dumps(results, indent=1))
+    return 0
 
 
 def _spectral(args: argparse.Namespace) -> int:
@@ -118,10 +154,36 @@ def _pattern(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="diffuser-graph",
-        description="Diffuser (multi-hop attention diffusion) on DGL: pattern and spectral tools.",
+        description="Diffuser (multi-hop attention diffusion) on DGL: training, evaluation, "
+                    "pattern and spectral tools.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="run 'diffuser-graph COMMAND --help' for a command's options and examples")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train", help="train a model from a YAML config",
+        description="Train from a YAML config (see configs/); writes config.yaml, metrics.jsonl, "
+                    "curves.png, best.pt, last.pt and results.json into out_dir.",
+        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("config", help="YAML config, e.g. configs/listops-small.yaml")
+    train.add_argument("overrides", nargs="*", metavar="key.path=value",
+                       help="dotted overrides applied on top of the YAML")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in out_dir from its last.pt, exactly")
+    train.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
+                       help="stop with a checkpoint after this many steps (resume later)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a checkpoint on a config's task",
+        description="Print and write (eval.json beside the checkpoint) val and test metrics.",
+        epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluate.add_argument("config", help="the YAML config the model was trained with")
+    evaluate.add_argument("overrides", nargs="*", metavar="key.path=value")
+    evaluate.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a run")
+    evaluate.add_argument("--out", default=None, help="where to write the JSON results")
+    evaluate.set_defaults(handler=_eval)
 
     spectral = commands.add_parser(
         "spectral", help="spectral expansion statistics of patterns across lengths",

@@ -64,21 +64,19 @@ def batch_graphs(lengths: Sequence[int] | torch.Tensor, spec: PatternSpec) -> dg
 
 
 @dataclass(frozen=True)
-class PackedBatch:
-    """Maps a padded batch ``(B, L, ...)`` with ``attention_mask (B, L)`` to packed nodes.
+class Padding:
+    """Maps a padded batch ``(B, L, ...)`` to packed tokens ``(N, ...)`` and back.
 
-    Tokens where the mask is true, in order, form each sequence; packed node ``i`` of the batched
-    graph ``graph`` is padded position ``flat_index[i]`` of the flattened ``(B * L)`` layout.
+    Packed token ``i`` is padded position ``flat_index[i]`` of the flattened ``(B * L)`` layout;
+    sequence b holds ``lengths[b]`` real tokens, in order.
     """
 
-    graph: dgl.DGLGraph
     lengths: Tuple[int, ...]
     flat_index: torch.Tensor  # (N,) int64
     padded_shape: Tuple[int, int]  # (B, L)
 
-    @classmethod
-    def from_mask(cls, attention_mask: torch.Tensor, spec: PatternSpec) -> "PackedBatch":
-        """``attention_mask: (B, L)``, bool or 0/1 integers; every row needs a real token."""
+    @staticmethod
+    def _mask_lengths(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
             raise ValueError("attention_mask must be a (B, L) tensor, got "
                              f"{getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
@@ -91,9 +89,29 @@ class PackedBatch:
         if bool((lengths == 0).any()):
             empty = torch.nonzero(lengths == 0).flatten().tolist()
             raise ValueError(f"attention_mask rows {empty} have no real token")
-        flat_index = torch.nonzero(attention_mask.reshape(-1)).flatten()
-        return cls(batch_graphs(lengths, spec), _check_lengths(lengths), flat_index,
-                   tuple(attention_mask.shape))
+        return attention_mask, lengths
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> "Padding":
+        """``attention_mask: (B, L)``, bool or 0/1; tokens where it is true form each sequence."""
+        mask, lengths = cls._mask_lengths(attention_mask)
+        return cls(_check_lengths(lengths), torch.nonzero(mask.reshape(-1)).flatten(),
+                   tuple(mask.shape))
+
+    @classmethod
+    def from_lengths(cls, lengths: Sequence[int] | torch.Tensor) -> "Padding":
+        """Right-padded layout for sequences of ``lengths`` (``L = max(lengths)``)."""
+        lengths = _check_lengths(lengths)
+        width = max(lengths)
+        mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+        return cls(lengths, torch.nonzero(mask.reshape(-1)).flatten(), (len(lengths), width))
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """``(B, L)`` bool: true at real tokens."""
+        mask = torch.zeros(self.padded_shape[0] * self.padded_shape[1], dtype=torch.bool)
+        mask[self.flat_index] = True
+        return mask.reshape(self.padded_shape)
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """``padded: (B, L, ...)`` -> node tensor ``(N, ...)`` of the real tokens."""
@@ -111,6 +129,20 @@ class PackedBatch:
         out = packed.new_full((batch * length, *packed.shape[1:]), fill_value)
         out = out.index_copy(0, self.flat_index.to(packed.device), packed)
         return out.reshape(batch, length, *packed.shape[1:])
+
+
+@dataclass(frozen=True)
+class PackedBatch(Padding):
+    """A :class:`Padding` together with the batched graph of its sequences."""
+
+    graph: dgl.DGLGraph = None
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor, spec: PatternSpec) -> "PackedBatch":
+        """``attention_mask: (B, L)``, bool or 0/1 integers; every row needs a real token."""
+        padding = Padding.from_mask(attention_mask)
+        return cls(padding.lengths, padding.flat_index, padding.padded_shape,
+                   batch_graphs(padding.lengths, spec))
 
 
 def to_scipy(g: dgl.DGLGraph) -> sp.csr_matrix:

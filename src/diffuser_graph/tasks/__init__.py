@@ -1,0 +1,27 @@
+"""Tasks: each turns its config into token sequences, labels and splits (:class:`TaskData`).
+
+``TaskConfig`` is the union of every task's config, told apart by ``name``; :func:`load_task`
+dispatches to the task's ``load(config, seed)``.
+"""
+
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from . import listops, text
+from .base import CLS_ID, PAD_ID, DataError, Split, TaskData, collate, pad
+from .listops import ListOpsTask
+from .text import TextTask
+
+TaskConfig = Annotated[Union[ListOpsTask, TextTask], Field(discriminator="name")]
+
+_LOADERS = {"listops": listops.load, "text": text.load}
+
+
+def load_task(task: TaskConfig, seed: int) -> TaskData:
+    """Build the splits of ``task``; generated data is deterministic in ``seed``."""
+    return _LOADERS[task.name](task, seed)
+
+
+__all__ = ["TaskConfig", "ListOpsTask", "TextTask", "TaskData", "Split", "DataError", "collate",
+           "pad", "load_task", "PAD_ID", "CLS_ID"]

@@ -1,0 +1,158 @@
+"""Byte-level text classification (LRA "Text"): UTF-8 bytes are the tokens.
+
+Data comes from files the user points to (``path``: a folder with ``train``, ``val`` and
+``test`` files, each ``.csv``, ``.jsonl`` or ``.tsv`` with ``text`` and ``label`` columns;
+LRA-style TSV headers ``Source``/``Target`` are accepted too) or, without ``path``, from a
+synthetic long-document sentiment generator: documents of neutral filler with positive and
+negative cue phrases scattered through them, labelled by which kind is in the majority, so the
+answer needs evidence from across the whole document.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import List, Literal, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from .base import CLS_ID, DataError, Split, TaskData
+
+BYTE_OFFSET = 2  # ids 0 and 1 are <pad> and <cls>
+VOCAB_SIZE = 256 + BYTE_OFFSET
+EXTENSIONS = (".csv", ".jsonl", ".tsv")
+SPLIT_NAMES = {"train": ("train",), "val": ("val", "dev", "valid"), "test": ("test",)}
+
+FILLER = ("the", "movie", "a", "plot", "scene", "actor", "story", "was", "of", "and", "it",
+          "in", "with", "director", "film", "some", "there", "camera", "script", "long")
+POSITIVE = ("wonderful", "brilliant", "moving", "superb", "delightful")
+NEGATIVE = ("dreadful", "boring", "clumsy", "awful", "tedious")
+
+
+class TextTask(BaseModel):
+    """Config of byte-level text classification (``task: {name: text, ...}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["text"] = "text"
+    path: Optional[str] = None
+    max_length: int = Field(default=4096, ge=2)  # tokens including <cls>; longer is truncated
+    num_labels: Optional[int] = Field(default=None, ge=2)  # None: 1 + the largest label seen
+    synthetic_words: int = Field(default=600, ge=10)  # document length of the generator
+    synthetic_cues: int = Field(default=7, ge=1)  # cue phrases per document (odd: no ties)
+    train_size: int = Field(default=4000, ge=1)
+    val_size: int = Field(default=500, ge=1)
+    test_size: int = Field(default=500, ge=1)
+
+
+def encode(text: str, max_length: int) -> np.ndarray:
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)[: max_length - 1]
+    return np.concatenate([[CLS_ID], data.astype(np.int64) + BYTE_OFFSET])
+
+
+def decode(ids) -> str:
+    data = bytes(int(i) - BYTE_OFFSET for i in ids if int(i) >= BYTE_OFFSET)
+    return data.decode("utf-8", errors="replace")
+
+
+def _parse_label(raw, path: Path, line: int) -> int:
+    try:
+        label = int(str(raw).strip())
+    except ValueError:
+        raise DataError(path, line, f"label must be a non-negative integer, got {raw!r}") from None
+    if label < 0:
+        raise DataError(path, line, f"label must be a non-negative integer, got {label}")
+    return label
+
+
+def _rows(path: Path):
+    """(line, text, raw label) for each example of a CSV, TSV or JSONL file."""
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as handle:
+            for line, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError as err:
+                    raise DataError(path, line, f"not valid JSON: {err.msg}") from None
+                if not isinstance(record, dict) or "text" not in record or "label" not in record:
+                    raise DataError(path, line, "each JSON line needs 'text' and 'label' keys")
+                yield line, record["text"], record["label"]
+        return
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle, delimiter="\t" if path.suffix == ".tsv" else ",")
+        header = [h.strip() for h in next(reader, [])]
+        if not header:
+            raise DataError(path, None, "file is empty")
+        names = ("text", "label") if "text" in header else ("Source", "Target")
+        if not set(names) <= set(header):
+            raise DataError(path, 1, f"header must name 'text' and 'label' columns (or "
+                                     f"'Source' and 'Target'), got {header}")
+        text_col, label_col = header.index(names[0]), header.index(names[1])
+        for line, row in enumerate(reader, start=2):
+            if len(row) != len(header):
+                raise DataError(path, line, f"expected {len(header)} columns, got {len(row)}")
+            yield line, row[text_col], row[label_col]
+
+
+def read_file(path: Path, max_length: int) -> Split:
+    if not path.is_file():
+        raise DataError(path, None, "file does not exist")
+    if path.suffix not in EXTENSIONS:
+        raise DataError(path, None, f"unsupported file type; use one of {EXTENSIONS}")
+    sequences, labels = [], []
+    for line, text, raw_label in _rows(path):
+        if not isinstance(text, str):
+            raise DataError(path, line, f"text must be a string, got {type(text).__name__}")
+        sequences.append(encode(text, max_length))
+        labels.append(_parse_label(raw_label, path, line))
+    if not sequences:
+        raise DataError(path, None, "file has no examples")
+    return Split(sequences, np.array(labels))
+
+
+def find_split_file(folder: Path, split: str) -> Path:
+    for stem in SPLIT_NAMES[split]:
+        for ext in EXTENSIONS:
+            if (folder / f"{stem}{ext}").is_file():
+                return folder / f"{stem}{ext}"
+    names = ", ".join(f"{s}{e}" for s in SPLIT_NAMES[split] for e in EXTENSIONS)
+    raise DataError(folder, None, f"no {split} file found (looked for {names})")
+
+
+def synthetic_document(rng: np.random.Generator, words: int, cues: int) -> tuple[str, int]:
+    """Filler words with ``cues`` sentiment words at random places; label 1 if most are positive."""
+    tokens = list(rng.choice(FILLER, size=words))
+    positive = int(rng.integers(0, cues + 1))
+    cue_words = ([POSITIVE[i] for i in rng.integers(len(POSITIVE), size=positive)]
+                 + [NEGATIVE[i] for i in rng.integers(len(NEGATIVE), size=cues - positive)])
+    for position, word in zip(rng.choice(words, size=cues, replace=False), cue_words):
+        tokens[position] = word
+    return " ".join(tokens), int(positive > cues - positive)
+
+
+def generate(task: TextTask, size: int, rng: np.random.Generator) -> Split:
+    sequences, labels = [], []
+    for _ in range(size):
+        text, label = synthetic_document(rng, task.synthetic_words, task.synthetic_cues)
+        sequences.append(encode(text, task.max_length))
+        labels.append(label)
+    return Split(sequences, np.array(labels))
+
+
+def load(task: TextTask, seed: int) -> TaskData:
+    if task.path is not None:
+        folder = Path(task.path)
+        splits = {name: read_file(find_split_file(folder, name), task.max_length)
+                  for name in SPLIT_NAMES}
+    else:
+        rng = np.random.default_rng([seed, 0x7E47])
+        splits = {name: generate(task, getattr(task, f"{name}_size"), rng) for name in SPLIT_NAMES}
+    largest = max(int(split.labels.max()) for split in splits.values())
+    num_labels = task.num_labels or max(2, largest + 1)
+    if largest >= num_labels:
+        raise DataError(task.path or "synthetic", None,
+                        f"label {largest} found but num_labels is {num_labels}")
+    return TaskData(**splits, vocab_size=VOCAB_SIZE, num_labels=num_labels, decode=decode)

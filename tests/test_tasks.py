@@ -1,0 +1,149 @@
+import json
+
+import numpy as np
+import pydantic
+import pytest
+
+from diffuser_graph.tasks import (CLS_ID, DataError, ListOpsTask, TextTask, collate, listops,
+                                  load_task, text)
+
+SMALL_LISTOPS = ListOpsTask(max_depth=4, max_args=5, min_length=10, max_length=60,
+                            train_size=200, val_size=30, test_size=30)
+
+
+@pytest.mark.parametrize("expression,value", [
+    ("[MAX 2 9 [MIN 4 7 ] 0 ]", 9),
+    ("[MIN 3 [MAX 1 8 ] 5 ]", 3),
+    ("[MED 1 2 9 ]", 2),
+    ("[MED 1 2 8 9 ]", 5),  # int(np.median) of an even count: (2 + 8) / 2
+    ("[MED 1 2 3 9 ]", 2),  # (2 + 3) / 2 = 2.5 -> 2
+    ("[SM 7 8 9 ]", 4),
+    ("[SM [MAX 9 1 ] [MIN 5 6 ] ]", 4),
+    ("7", 7),
+])
+def test_listops_evaluation_by_hand(expression, value):
+    assert listops.evaluate(listops.parse(expression.split())) == value
+
+
+def test_listops_generator_is_deterministic_and_labels_are_correct():
+    data = load_task(SMALL_LISTOPS, seed=3)
+    again = load_task(SMALL_LISTOPS, seed=3)
+    other = load_task(SMALL_LISTOPS, seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(data.train.sequences, again.train.sequences))
+    assert not all(np.array_equal(a, b) for a, b in zip(data.train.sequences,
+                                                        other.train.sequences))
+    for ids, label in zip(data.train.sequences, data.train.labels):
+        assert ids[0] == CLS_ID and 10 <= len(ids) - 1 <= 60
+        assert listops.evaluate(listops.parse(listops.decode(ids).split())) == label
+    assert data.vocab_size == len(listops.VOCAB) and data.num_labels == 10
+    assert len(set(data.train.labels.tolist())) >= 8  # every answer occurs
+
+
+def test_listops_generator_reports_impossible_lengths():
+    task = ListOpsTask(max_depth=2, max_args=2, min_length=50, max_length=60, train_size=2,
+                       val_size=1, test_size=1)
+    with pytest.raises(ValueError, match="found only 0 of 2 expressions"):
+        load_task(task, seed=0)
+
+
+def write_lra(folder, rows_by_split, header="Source\tTarget"):
+    folder.mkdir(exist_ok=True)
+    for split, rows in rows_by_split.items():
+        lines = [header] + [f"{source}\t{target}" for source, target in rows]
+        (folder / listops.LRA_FILES[split]).write_text("\n".join(lines) + "\n")
+
+
+def test_lra_tsv_fixture_is_read(tmp_path):
+    rows = [("( ( [MAX 2 9 ) ( [MIN 4 7 ] ) 0 ] )", 9), ("[SM 7 8 9 ]", 4)]
+    write_lra(tmp_path / "lra", {split: rows for split in listops.LRA_FILES})
+    data = load_task(ListOpsTask(path=str(tmp_path / "lra")), seed=0)
+    assert data.test.labels.tolist() == [9, 4]
+    assert listops.decode(data.test.sequences[0]) == "[MAX 2 9 [MIN 4 7 ] 0 ]"
+
+
+@pytest.mark.parametrize("lines,message", [
+    (["Src\tTgt"], ":1: header must be"),
+    (["Source\tTarget", "[MAX 1 2 ]"], ":2: expected 2 tab-separated columns"),
+    (["Source\tTarget", "[MAX 1 2 ]\tx"], ":2: label must be an integer"),
+    (["Source\tTarget", "[MAX 1 2 ]\t12"], ":2: label must be in 0-9"),
+    (["Source\tTarget", "[MAX 1 2\t2"], ":2: malformed expression"),
+    (["Source\tTarget", "[FOO 1 2 ]\t2"], "unknown token"),
+    (["Source\tTarget", "[MAX 1 2 ]\t1"], ":2: label 1 disagrees"),
+    (["Source\tTarget"], "no examples"),
+    ([], "file is empty"),
+])
+def test_lra_tsv_errors_name_file_and_line(tmp_path, lines, message):
+    path = tmp_path / "basic_train.tsv"
+    path.write_text("\n".join(lines) + ("\n" if lines else ""))
+    with pytest.raises(DataError, match=message) as info:
+        listops.read_lra_tsv(path)
+    assert "basic_train.tsv" in str(info.value)
+
+
+def test_lra_folder_without_files(tmp_path):
+    with pytest.raises(DataError, match="basic_train.tsv: file does not exist"):
+        load_task(ListOpsTask(path=str(tmp_path)), seed=0)
+
+
+def test_text_synthetic_labels_follow_the_cues():
+    task = TextTask(train_size=50, val_size=5, test_size=5, synthetic_words=80, max_length=600)
+    data = load_task(task, seed=1)
+    for ids, label in zip(data.train.sequences, data.train.labels):
+        words = text.decode(ids).split()
+        positive = sum(w in text.POSITIVE for w in words)
+        negative = sum(w in text.NEGATIVE for w in words)
+        assert positive + negative == task.synthetic_cues
+        assert label == int(positive > negative)
+    assert data.vocab_size == 258 and data.num_labels == 2
+    assert 0.2 < data.train.labels.mean() < 0.8
+
+
+def test_text_readers_csv_jsonl_tsv(tmp_path):
+    (tmp_path / "train.csv").write_text('text,label\n"héllo, world",1\nbye,0\n')
+    (tmp_path / "val.jsonl").write_text(json.dumps({"text": "ok", "label": 2}) + "\n")
+    (tmp_path / "test.tsv").write_text("Source\tTarget\nabc\t0\n")
+    data = load_task(TextTask(path=str(tmp_path), max_length=5), seed=0)
+    assert text.decode(data.train.sequences[0]) == "hél"  # 4 bytes after <cls>: h, é (2), l
+    assert len(data.train.sequences[0]) == 5
+    assert data.num_labels == 3 and data.val.labels.tolist() == [2]
+    assert text.decode(data.test.sequences[0]) == "abc"
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("train.csv", "body,label\nx,1\n", ":1: header must name 'text' and 'label'"),
+    ("train.csv", "text,label\nx,1,2\n", ":2: expected 2 columns, got 3"),
+    ("train.csv", "text,label\nx,good\n", ":2: label must be a non-negative integer"),
+    ("train.csv", "text,label\nx,-1\n", ":2: label must be a non-negative integer"),
+    ("train.jsonl", '{"text": "x"}\n', ":1: each JSON line needs"),
+    ("train.jsonl", "{not json\n", ":1: not valid JSON"),
+    ("train.csv", "", "file is empty"),
+    ("train.csv", "text,label\n", "file has no examples"),
+])
+def test_text_reader_errors_name_file_and_line(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=message) as info:
+        text.read_file(tmp_path / name, max_length=32)
+    assert name in str(info.value)
+
+
+def test_text_folder_missing_split(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\nx,1\n")
+    with pytest.raises(DataError, match="no val file found"):
+        load_task(TextTask(path=str(tmp_path)), seed=0)
+
+
+def test_collate_pads_and_masks():
+    data = load_task(SMALL_LISTOPS, seed=0)
+    batch = collate(data.train, [0, 1, 2])
+    lengths = [len(data.train.sequences[i]) for i in range(3)]
+    assert batch["input_ids"].shape == (3, max(lengths))
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert (batch["input_ids"][~batch["attention_mask"]] == 0).all()
+    assert batch["labels"].tolist() == data.train.labels[:3].tolist()
+
+
+def test_task_config_errors_name_the_key():
+    with pytest.raises(pydantic.ValidationError, match="min_length"):
+        ListOpsTask(min_length=100, max_length=50)
+    with pytest.raises(pydantic.ValidationError, match="max_dept"):
+        ListOpsTask(max_dept=3)
