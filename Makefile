@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast spectral clean-venv
+.PHONY: train test test-fast spectral clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,9 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+train: $(STAMP)  ## install, then train configs/listops-small.yaml (the embedded default job)
+	$(BIN)/diffuser-graph train configs/listops-small.yaml $(if $(wildcard runs/listops-small/last.pt),--resume,)
 
 test: $(STAMP)  ## install and run the whole test suite
 	$(BIN)/python -m pytest

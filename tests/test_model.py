@@ -125,3 +125,15 @@ def test_config_validation():
     assert (resolved.vocab_size, resolved.num_labels) == (20, 4)
     with pytest.raises(ValueError, match="model.vocab_size is 12 but the task needs 20"):
         config().resolved(20, 3)
+
+
+def test_encoder_returns_each_layers_attention():
+    net = model()
+    ids, mask = batch()
+    out = net.encoder(ids, mask, return_attention=True)
+    assert len(out.attentions) == 2 and out.hidden.shape == (int(mask.sum()), 16)
+    for attn in out.attentions:
+        assert attn.shape == (out.graph.num_edges(), 2)
+        sums = torch.zeros(out.graph.num_nodes(), 2).index_add_(0, out.graph.edges()[1], attn)
+        torch.testing.assert_close(sums, torch.ones_like(sums))
+    assert net.encoder(ids, mask).attentions == []

@@ -157,48 +157,51 @@ def build_parser() -> argparse.ArgumentParser:
         description="Diffuser (multi-hop attention diffusion) on DGL: training, evaluation, "
                     "pattern and spectral tools.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="run 'diffuser-graph COMMAND --help' for a command's options and examples")
+        epilog="examples:\n"
+               "  diffuser-graph train configs/listops-small.yaml\n"
+               "  diffuser-graph spectral configs/spectral.yaml\n"
+               "  diffuser-graph pattern --length 4096 kind=official --out official.png\n\n"
+               "run 'diffuser-graph COMMAND --help' for a command's options and examples")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = commands.add_parser(
-        "train", help="train a model from a YAML config",
-        description="Train from a YAML config (see configs/); writes config.yaml, metrics.jsonl, "
-                    "curves.png, best.pt, last.pt and results.json into out_dir.",
-        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_argument("config", help="YAML config, e.g. configs/listops-small.yaml")
-    train.add_argument("overrides", nargs="*", metavar="key.path=value",
-                       help="dotted overrides applied on top of the YAML")
+    def config_command(name: str, help: str, description: str, epilog: str, handler,
+                       config_help: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help, description=description, epilog=epilog,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_argument("config", help=config_help)
+        command.add_argument("overrides", nargs="*", metavar="key.path=value",
+                             help="dotted overrides applied on top of the YAML")
+        command.set_defaults(handler=handler)
+        return command
+
+    train = config_command(
+        "train", "train a model from a YAML config",
+        "Train from a YAML config (see configs/); writes config.yaml, metrics.jsonl, "
+        "curves.png, best.pt, last.pt and results.json into out_dir.",
+        TRAIN_EXAMPLES, _train, "YAML config, e.g. configs/listops-small.yaml")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in out_dir from its last.pt, exactly")
     train.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                        help="stop with a checkpoint after this many steps (resume later)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.set_defaults(handler=_train)
 
-    evaluate = commands.add_parser(
-        "eval", help="evaluate a checkpoint on a config's task",
-        description="Print and write (eval.json beside the checkpoint) val and test metrics.",
-        epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    evaluate.add_argument("config", help="the YAML config the model was trained with")
-    evaluate.add_argument("overrides", nargs="*", metavar="key.path=value")
+    evaluate = config_command(
+        "eval", "evaluate a checkpoint on a config's task",
+        "Print and write (eval.json beside the checkpoint) val and test metrics.",
+        EVAL_EXAMPLES, _eval, "the YAML config the model was trained with")
     evaluate.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a run")
     evaluate.add_argument("--out", default=None, help="where to write the JSON results")
-    evaluate.set_defaults(handler=_eval)
 
-    spectral = commands.add_parser(
-        "spectral", help="spectral expansion statistics of patterns across lengths",
-        description="Sweep sequence lengths and pattern variants; write results.json, "
-                    "results.csv, results.md and PNG plots.",
-        epilog=SPECTRAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    spectral.add_argument("config", help="YAML config, e.g. configs/spectral.yaml")
-    spectral.add_argument("overrides", nargs="*", metavar="key.path=value",
-                          help="dotted overrides applied on top of the YAML")
+    spectral = config_command(
+        "spectral", "spectral expansion statistics of patterns across lengths",
+        "Sweep sequence lengths and pattern variants; write results.json, results.csv, "
+        "results.md and PNG plots.", SPECTRAL_EXAMPLES, _spectral,
+        "YAML config, e.g. configs/spectral.yaml")
     spectral.add_argument("--out", default=None, help="output folder (default: out_dir)")
     spectral.add_argument("--quiet", action="store_true", help="no progress bar")
-    spectral.set_defaults(handler=_spectral)
 
     pattern = commands.add_parser(
-        "pattern", help="statistics of one pattern at one length",
+        "pattern", help="statistics (and a picture) of one pattern at one length",
         description="Build one pattern (PatternSpec fields as key=value) and print its edge "
                     "count, spectral statistics, K-hop coverage and UA conditions.",
         epilog=PATTERN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)

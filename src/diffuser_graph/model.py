@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
+
+import dgl
 
 import torch
 import torch.nn.functional as F
@@ -98,10 +100,21 @@ class EncoderLayer(nn.Module):
             return x + self.dropout(fn(norm(x)))
         return norm(x + self.dropout(fn(x)))
 
-    def forward(self, g, x: torch.Tensor) -> torch.Tensor:
-        """``x: (N, hidden)`` packed tokens of the batched graph ``g``."""
-        x = self._block(x, lambda h: self.attention(g, h), self.attention_norm)
-        return self._block(x, self.ffn, self.ffn_norm)
+    def forward(self, g, x: torch.Tensor, return_attention: bool = False):
+        """``x: (N, hidden)`` packed tokens of the batched graph ``g`` -> ``(N, hidden)``,
+        and the layer's one-hop edge attention ``(E, H)`` with ``return_attention``."""
+        attentions = []
+
+        def attend(h: torch.Tensor) -> torch.Tensor:
+            if not return_attention:
+                return self.attention(g, h)
+            out, attn = self.attention(g, h, return_attention=True)
+            attentions.append(attn)
+            return out
+
+        x = self._block(x, attend, self.attention_norm)
+        x = self._block(x, self.ffn, self.ffn_norm)
+        return (x, attentions[0]) if return_attention else x
 
 
 class DiffuserEncoder(nn.Module):
@@ -142,20 +155,33 @@ class DiffuserEncoder(nn.Module):
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         return padding
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, Padding]:
-        """``input_ids, attention_mask: (B, L)`` -> packed hidden states ``(N, hidden)``."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                return_attention: bool = False) -> "EncoderOutput":
+        """``input_ids, attention_mask: (B, L)`` -> packed hidden states ``(N, hidden)``, the
+        padding map and batched graph, and (``return_attention``) each layer's ``(E, H)``."""
         padding = self.check_inputs(input_ids, attention_mask)
         device = input_ids.device
         g = batch_graphs(padding.lengths, self.config.pattern).to(device)
         ids = padding.pack(input_ids)
         positions = torch.cat([torch.arange(n) for n in padding.lengths]).to(device)
         x = self.dropout(self.embedding_norm(self.tokens(ids) + self.positions(positions)))
+        attentions = []
         for layer in self.layers:
-            x = layer(g, x)
+            if return_attention:
+                x, attn = layer(g, x, return_attention=True)
+                attentions.append(attn)
+            else:
+                x = layer(g, x)
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return x, padding
+        return EncoderOutput(x, padding, g, attentions)
+
+
+class EncoderOutput(NamedTuple):
+    hidden: torch.Tensor  # (N, hidden) packed tokens
+    padding: Padding
+    graph: "dgl.DGLGraph"
+    attentions: list  # per layer (E, H) edge attention, when asked for
 
 
 def pool(hidden: torch.Tensor, padding: Padding, how: str) -> torch.Tensor:
@@ -224,8 +250,8 @@ class DiffuserForSequenceClassification(PretrainedMixin, nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None):
         """Returns logits ``(B, num_labels)``, or ``(loss, logits)`` when ``labels: (B,)``."""
-        hidden, padding = self.encoder(input_ids, attention_mask)
-        logits = self.head(pool(hidden, padding, self.config.pooling))
+        encoded = self.encoder(input_ids, attention_mask)
+        logits = self.head(pool(encoded.hidden, encoded.padding, self.config.pooling))
         return logits if labels is None else (F.cross_entropy(logits, labels), logits)
 
 
@@ -241,8 +267,8 @@ class DiffuserForMatching(PretrainedMixin, nn.Module):
                                        config.num_labels, config.dropout)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        hidden, padding = self.encoder(input_ids, attention_mask)
-        return pool(hidden, padding, self.config.pooling)
+        encoded = self.encoder(input_ids, attention_mask)
+        return pool(encoded.hidden, encoded.padding, self.config.pooling)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                 input_ids_2: torch.Tensor, attention_mask_2: Optional[torch.Tensor],

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .config import atomic_write_text, dump_config
 from .graph import build_graph

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .config import ConfigError, atomic_write_text, dump_config
 from .model import DiffuserConfig, DiffuserForMatching, DiffuserForSequenceClassification
@@ -185,30 +185,29 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_curves(records: list[dict], path: Path) -> None:
-    """Training/validation loss and validation accuracy against step, as a PNG."""
+def plot_curves(records: list[dict]):
+    """Figure of training/validation loss and accuracy against step (``metrics.jsonl``)."""
     from matplotlib.figure import Figure
 
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"]
     fig = Figure(figsize=(11, 4))
-    loss_ax, acc_ax = fig.subplots(1, 2)
-    loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
-    loss_ax.plot([r["step"] for r in val], [r["loss"] for r in val], marker="o", label="val")
-    loss_ax.set_xlabel("optimizer step")
-    loss_ax.set_ylabel("cross-entropy")
-    loss_ax.set_title("Loss")
-    loss_ax.legend()
-    acc_ax.plot([r["step"] for r in train], [r["accuracy"] for r in train], label="train")
-    acc_ax.plot([r["step"] for r in val], [r["accuracy"] for r in val], marker="o", label="val")
-    acc_ax.set_xlabel("optimizer step")
-    acc_ax.set_ylabel("accuracy")
-    acc_ax.set_title("Accuracy")
-    acc_ax.legend()
-    for ax in (loss_ax, acc_ax):
+    for ax, key, label in zip(fig.subplots(1, 2), ("loss", "accuracy"),
+                              ("cross-entropy", "accuracy")):
+        ax.plot([r["step"] for r in train], [r[key] for r in train], label="train")
+        ax.plot([r["step"] for r in val], [r[key] for r in val], marker="o", label="val")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(label)
+        ax.set_title(key.capitalize())
         ax.grid(True, alpha=0.3)
+        ax.legend()
     fig.tight_layout()
-    temporary = path.with_name(f".{path.stem}.tmp.png")
+    return fig
+
+
+def save_figure(fig, path: Path) -> None:
+    """``fig.savefig`` through a temporary file, so a reader never sees half a PNG."""
+    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(temporary, dpi=100)
     os.replace(temporary, path)
 
@@ -317,7 +316,7 @@ def train(config: RunConfig, *, resume: bool = False, stop_after: Optional[int] 
                     best_accuracy = val["accuracy"]
                     checkpoint(step, best_path)
                 checkpoint(step, last_path)
-                plot_curves(read_metrics(metrics_path), out / "curves.png")
+                save_figure(plot_curves(read_metrics(metrics_path)), out / "curves.png")
             _barrier(world)
     bar.close()
     if end < settings.max_steps:
