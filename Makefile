@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-fast spectral clean-venv
+.PHONY: train test test-fast spectral bench clean-venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test-fast: $(STAMP)  ## skip tests marked slow
 
 spectral: $(STAMP)  ## install and run the spectral sweep on the shipped config
 	$(BIN)/diffuser-graph spectral configs/spectral.yaml
+
+bench: $(STAMP)  ## install, then run the attention speed/memory suite (~15 min)
+	$(BIN)/python benchmarks/attention.py --out benchmarks/results
 
 clean-venv:
 	rm -rf $(VENV)

@@ -9,7 +9,9 @@ import os as _os
 # DGL picks its backend at import time; say "pytorch" so it neither guesses nor warns.
 _os.environ.setdefault("DGLBACKEND", "pytorch")
 
-from .attention import DiffuserAttention, diffuse, diffusion_attention, edge_attention, heat_weights  # noqa: E402
+from .attention import DiffuserAttention, diffuse, diffusion_attention, edge_attention  # noqa: E402
+from .block_engine import block_diffusion_attention  # noqa: E402
+from .diffusion import diffusion_series, heat_weights, series_coefficients  # noqa: E402
 from .graph import PackedBatch, batch_graphs, build_graph, to_networkx, to_scipy  # noqa: E402
 from .patterns import PatternSpec, official_pattern, pattern_edges  # noqa: E402
 from .reach import Condition, ReachStats, khop_receptive_field, reach_stats, ua_conditions  # noqa: E402
@@ -33,7 +35,8 @@ __version__ = "0.1.0"
 __all__ = [
     "PatternSpec", "pattern_edges", "official_pattern",
     "build_graph", "batch_graphs", "PackedBatch", "to_scipy", "to_networkx",
-    "diffusion_attention", "edge_attention", "diffuse", "heat_weights", "DiffuserAttention",
+    "diffusion_attention", "edge_attention", "diffuse", "DiffuserAttention",
+    "block_diffusion_attention", "diffusion_series", "heat_weights", "series_coefficients",
     "dense_mask", "dense_attention_matrix", "diffusion_operator", "dense_diffusion_attention",
     "SpectralStats", "spectral_stats", "complete_graph_stats", "eigenvalues",
     "diffusion_eigenvalue_map", "diffused_spectrum",

@@ -15,75 +15,24 @@ Both operators have rows summing to 1. ``hops=1, alpha=0`` is plain one-hop spar
 from __future__ import annotations
 
 import math
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import dgl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import block_engine
+from .diffusion import check_diffusion_args, check_dropout, check_qkv, diffusion_series
 from .graph import PackedBatch, Padding
+from .patterns import PatternSpec
 
-KERNELS = ("ppr", "heat")
 ATTENTION_KINDS = ("diffuser", "sparse", "full")
-
-
-def heat_weights(hops: int, t: float) -> list[float]:
-    """Weights ``w_k ∝ e^{-t} t^k / k!`` for ``k = 0..hops``, renormalised to sum to 1."""
-    raw = [math.exp(-t) * t**k / math.factorial(k) for k in range(hops + 1)]
-    total = sum(raw)
-    return [w / total for w in raw]
-
-
-def series_coefficients(alpha: float, hops: int, kernel: str, t: float) -> list[float]:
-    """``theta_0..theta_K`` of the diffused operator ``sum_k theta_k A^k`` after ``hops`` = K steps.
-
-    PPR: ``alpha (1-alpha)^k`` for ``k < K`` and ``(1-alpha)^K`` for ``k = K``; heat: the weights
-    of :func:`heat_weights`. They sum to 1.
-    """
-    check_diffusion_args(alpha, hops, kernel, t)
-    if kernel == "ppr":
-        return [alpha * (1 - alpha) ** k for k in range(hops)] + [(1 - alpha) ** hops]
-    return heat_weights(hops, t)
-
-
-def check_diffusion_args(alpha: float, hops: int, kernel: str, t: float) -> None:
-    """Raise ``ValueError`` naming the first diffusion argument outside its allowed range."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if isinstance(hops, bool) or not isinstance(hops, int) or hops < 1:
-        raise ValueError(f"hops must be an int >= 1, got {hops!r}")
-    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if not (isinstance(t, (int, float)) and t > 0.0 and math.isfinite(t)):
-        raise ValueError(f"t (heat kernel time) must be a finite number > 0, got {t!r}")
-
-
-def _check_dropout(name: str, p: float) -> None:
-    if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
-        raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
+ENGINES = ("dgl", "block", "auto")
 
 
 def _check_qkv(g: dgl.DGLGraph, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise ValueError(f"{name} must be a (N, H, D) tensor, got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
-        if not x.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape (N, H, D), got {tuple(q.shape)} "
-                         f"and {tuple(k.shape)}")
-    if v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"v must have the same N and H as q, got {tuple(v.shape)} vs "
-                         f"{tuple(q.shape)}")
-    if q.shape[0] != g.num_nodes():
-        raise ValueError(f"q, k, v have N={q.shape[0]} rows but the graph has "
-                         f"{g.num_nodes()} nodes")
+    check_qkv(q, k, v, g.num_nodes(), "the graph has")
     if g.device != q.device:
         raise ValueError(f"graph is on {g.device} but q, k, v are on {q.device}")
 
@@ -110,23 +59,12 @@ def diffuse(
 
     Returns ``(N, H, D)``; see the module docstring for the PPR and heat series.
     """
-    check_diffusion_args(alpha, hops, kernel, t)
     edge_weight = attn.unsqueeze(-1)  # (E, H, 1) broadcasts over D
 
     def propagate(z: torch.Tensor) -> torch.Tensor:
         return F.dropout(dgl.ops.u_mul_e_sum(g, z, edge_weight), hop_dropout, training)
 
-    if kernel == "ppr":
-        z = v
-        for _ in range(hops):
-            z = (1.0 - alpha) * propagate(z) + alpha * v
-        return z
-    weights = heat_weights(hops, t)
-    z, out = v, weights[0] * v
-    for weight in weights[1:]:
-        z = propagate(z)
-        out = out + weight * z
-    return out
+    return diffusion_series(propagate, v, alpha=alpha, hops=hops, kernel=kernel, t=t)
 
 
 def diffusion_attention(
@@ -160,8 +98,8 @@ def diffusion_attention(
     """
     _check_qkv(g, q, k, v)
     check_diffusion_args(alpha, hops, kernel, t)
-    _check_dropout("attn_dropout", attn_dropout)
-    _check_dropout("hop_dropout", hop_dropout)
+    check_dropout("attn_dropout", attn_dropout)
+    check_dropout("hop_dropout", hop_dropout)
     attn = edge_attention(g, q, k)
     out = diffuse(g, F.dropout(attn, attn_dropout, training), v, alpha=alpha, hops=hops,
                   kernel=kernel, t=t, hop_dropout=hop_dropout, training=training)
@@ -182,7 +120,7 @@ def full_attention(
     if q.shape[0] != padding.flat_index.numel():
         raise ValueError(f"q, k, v have N={q.shape[0]} rows but lengths sum to "
                          f"{padding.flat_index.numel()}")
-    _check_dropout("attn_dropout", attn_dropout)
+    check_dropout("attn_dropout", attn_dropout)
     key_mask = padding.mask.to(q.device)[:, None, None, :]  # (B, 1, 1, L)
     heads = [padding.unpack(x).transpose(1, 2) for x in (q, k, v)]  # (B, H, L, D)
     out = F.scaled_dot_product_attention(*heads, attn_mask=key_mask,
@@ -197,6 +135,11 @@ class DiffuserAttention(nn.Module):
     diffusion, :func:`diffusion_attention`), ``"sparse"`` (one hop on the same pattern:
     ``hops=1, alpha=0``) or ``"full"`` (dense softmax over each whole sequence of the batched
     graph, :func:`full_attention`; the graph's edges are not used).
+
+    ``engine`` picks how graph attention is computed: ``"dgl"`` (message passing on ``g``, any
+    pattern), ``"block"`` (blocked dense matmuls, :mod:`diffuser_graph.block_engine`; needs
+    ``pattern``, a 1-D window pattern, and ``g`` must be its batched graph) or ``"auto"`` (block
+    when ``pattern`` allows it, else DGL). Both give the same function.
 
     ``forward(g, x)`` takes node features ``x: (N, hidden)`` on graph ``g`` and returns
     ``(N, hidden)``; with a :class:`PackedBatch` instead of a graph it takes the padded
@@ -216,6 +159,8 @@ class DiffuserAttention(nn.Module):
         hop_dropout: float = 0.0,
         bias: bool = True,
         attention: str = "diffuser",
+        engine: str = "dgl",
+        pattern: Optional[PatternSpec] = None,
     ) -> None:
         super().__init__()
         if num_heads < 1 or hidden_size < 1 or hidden_size % num_heads:
@@ -225,10 +170,16 @@ class DiffuserAttention(nn.Module):
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
         if attention == "sparse":
             alpha, hops = 0.0, 1
-        self.attention = attention
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        if engine == "block" and (pattern is None or not block_engine.supports(pattern)):
+            raise ValueError("engine='block' needs pattern=PatternSpec(kind='window', "
+                             "dilation=1, causal=False)")
+        self.block_capable = pattern is not None and block_engine.supports(pattern)
+        self.attention, self.engine, self.pattern = attention, engine, pattern
         check_diffusion_args(alpha, hops, kernel, t)
-        _check_dropout("attn_dropout", attn_dropout)
-        _check_dropout("hop_dropout", hop_dropout)
+        check_dropout("attn_dropout", attn_dropout)
+        check_dropout("hop_dropout", hop_dropout)
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = hidden_size // num_heads
         self.alpha, self.hops, self.kernel, self.t = alpha, hops, kernel, t
@@ -259,6 +210,12 @@ class DiffuserAttention(nn.Module):
             out, attn = full_attention(g.batch_num_nodes().tolist(), q, k, v,
                                        attn_dropout=self.attn_dropout,
                                        training=self.training), None
+        elif not return_attention and self._use_block(lengths := g.batch_num_nodes().tolist()):
+            _check_qkv(g, q, k, v)
+            out, attn = block_engine.block_diffusion_attention(
+                lengths, self.pattern, q, k, v, alpha=self.alpha,
+                hops=self.hops, kernel=self.kernel, t=self.t, attn_dropout=self.attn_dropout,
+                hop_dropout=self.hop_dropout, training=self.training), None
         else:
             result = diffusion_attention(
                 g, q, k, v, alpha=self.alpha, hops=self.hops, kernel=self.kernel, t=self.t,
@@ -268,7 +225,14 @@ class DiffuserAttention(nn.Module):
         out = self.output(out.reshape(x.shape[0], self.hidden_size))
         return (out, attn) if return_attention else out
 
+    def _use_block(self, lengths: list[int]) -> bool:
+        if self.engine == "block":
+            return True
+        return (self.engine == "auto" and self.block_capable
+                and block_engine.prefer_block(self.pattern, lengths))
+
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
-                f"attention={self.attention!r}, kernel={self.kernel!r}, alpha={self.alpha}, "
+                f"attention={self.attention!r}, engine={self.engine!r}, kernel={self.kernel!r}, "
+                f"alpha={self.alpha}, "
                 f"hops={self.hops}")

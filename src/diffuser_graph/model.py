@@ -42,6 +42,7 @@ class DiffuserConfig(BaseModel):
     hop_dropout: float = Field(default=0.1, ge=0, lt=1)
     layer_norm: Literal["pre", "post"] = "post"
     attention: Literal["diffuser", "sparse", "full"] = "diffuser"
+    engine: Literal["dgl", "block", "auto"] = "auto"  # auto: block where it is faster (prefer_block)
     pattern: PatternSpec = PatternSpec(window=8, num_global=1, num_random=2)
     alpha: float = Field(default=0.1, ge=0, le=1)
     hops: int = Field(default=5, ge=1)
@@ -88,7 +89,8 @@ class EncoderLayer(nn.Module):
         self.attention = DiffuserAttention(
             config.hidden_size, config.num_heads, alpha=config.alpha, hops=config.hops,
             kernel=config.kernel, t=config.t, attn_dropout=config.attn_dropout,
-            hop_dropout=config.hop_dropout, attention=config.attention)
+            hop_dropout=config.hop_dropout, attention=config.attention, engine=config.engine,
+            pattern=config.pattern)
         self.attention_norm = nn.LayerNorm(config.hidden_size)
         self.ffn = nn.Sequential(nn.Linear(config.hidden_size, config.ffn_size), nn.GELU(),
                                  nn.Linear(config.ffn_size, config.hidden_size))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy.stats import poisson
 
-from .attention import check_diffusion_args
+from .diffusion import check_diffusion_args
 
 
 def dense_mask(g: dgl.DGLGraph) -> torch.Tensor:

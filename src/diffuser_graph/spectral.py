@@ -25,7 +25,7 @@ import torch
 from scipy.sparse.csgraph import connected_components
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from .attention import check_diffusion_args, series_coefficients
+from .diffusion import check_diffusion_args, series_coefficients
 from .graph import to_scipy
 from .reference import diffusion_operator
 

@@ -1,0 +1,334 @@
+"""Speed and memory of attention implementations, as ratios to baselines measured in the same run.
+
+    python benchmarks/attention.py                     # the full suite (make bench)
+    python benchmarks/attention.py --lengths 512 1024  # a quick look
+
+Each case runs in a fresh subprocess, so its peak memory (max RSS growth over the inputs) is its
+own. Times are medians of repeats after a warm-up, forward and forward+backward. Counted FLOPs:
+``2 E H D`` for the scores plus ``2 E H D`` per hop; achieved GFLOP/s are compared with a dense
+fp32 matmul measured in the same run (the machine's practical peak). Writes ``results.json``,
+``results.md`` and ``results.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("DGLBACKEND", "pytorch")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from diffuser_graph import (PatternSpec, block_diffusion_attention, build_graph,  # noqa: E402
+                            diffusion_attention)
+from diffuser_graph.block_engine import block_layout, supports  # noqa: E402
+
+PATTERNS = {
+    "window32+2g+3r": PatternSpec(window=32, num_global=2, num_random=3),
+    "official": PatternSpec(kind="official"),
+}
+IMPLEMENTATIONS = ("dense_sdpa", "dense_masked", "sparse_one_hop", "dgl", "gather_scatter", "block")
+DENSE_MASKED_MAX = 8192  # its (H, N, N) matrices and their gradients outgrow 24 GiB beyond this
+
+
+# --- implementations: each maps (case) -> a function of (q, k, v) ------------------------------
+
+def gather_scatter_attention(src, dst, q, k, v, alpha, hops):
+    """Diffused attention in plain torch, as a user would write it: gathers and index_add."""
+    n, heads, dim = q.shape
+    scores = (q[dst] * k[src]).sum(-1) / math.sqrt(dim)  # (E, H)
+    index = dst[:, None].expand(-1, heads)
+    top = scores.new_full((n, heads), -math.inf).scatter_reduce(0, index, scores, "amax")
+    weights = torch.exp(scores - top[dst])
+    attn = weights / scores.new_zeros(n, heads).index_add(0, dst, weights)[dst]
+    z = v
+    for _ in range(hops):
+        z = (1 - alpha) * torch.zeros_like(v).index_add(0, dst, attn[..., None] * z[src]) + alpha * v
+    return z
+
+
+def dense_masked_attention(mask, q, k, v, alpha, hops):
+    """Masked dense softmax over the same pattern, then dense diffusion: the naive way."""
+    scores = torch.einsum("vhd,uhd->hvu", q, k) / math.sqrt(q.shape[-1])
+    attn = torch.softmax(scores.masked_fill(~mask, -math.inf), dim=-1)
+    values = v.transpose(0, 1)  # (H, N, D)
+    z = values
+    for _ in range(hops):
+        z = (1 - alpha) * (attn @ z) + alpha * values
+    return z.transpose(0, 1)
+
+
+def make_function(case: dict):
+    impl, hops, alpha = case["impl"], case["hops"], 0.1
+    if impl == "dense_sdpa":
+        return lambda q, k, v: F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1), 0
+    g = build_graph(case["n"], PATTERNS[case["pattern"]])
+    edges = g.num_edges()
+    if impl == "dgl":
+        return lambda q, k, v: diffusion_attention(g, q, k, v, alpha=alpha, hops=hops), edges
+    if impl == "block":
+        spec, n = PATTERNS[case["pattern"]], case["n"]
+        block_layout(n, spec)  # built once, like the cached graph
+        return lambda q, k, v: block_diffusion_attention([n], spec, q, k, v, alpha=alpha,
+                                                         hops=hops), edges
+    if impl == "sparse_one_hop":
+        return lambda q, k, v: diffusion_attention(g, q, k, v, alpha=0.0, hops=1), edges
+    src, dst = g.edges()
+    if impl == "gather_scatter":
+        return lambda q, k, v: gather_scatter_attention(src, dst, q, k, v, alpha, hops), edges
+    if impl == "dense_masked":
+        mask = torch.zeros(case["n"], case["n"], dtype=torch.bool)
+        mask[dst, src] = True
+        return lambda q, k, v: dense_masked_attention(mask, q, k, v, alpha, hops), edges
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def counted_flops(case: dict, edges: int) -> float:
+    heads, dim = case["heads"], case["dim"]
+    if case["impl"] == "dense_sdpa":
+        return 4.0 * case["n"] ** 2 * heads * dim  # scores + one weighted sum over all pairs
+    hops = 1 if case["impl"] == "sparse_one_hop" else case["hops"]
+    return 2.0 * edges * heads * dim * (1 + hops)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith(field)).split()[1])
+
+
+def reset_peak_memory() -> int:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; return that RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return _status_kib("VmRSS:") * 1024
+
+
+def peak_memory() -> int:
+    return _status_kib("VmHWM:") * 1024
+
+
+def run_case(case: dict) -> dict:
+    """Time one case in this process (meant to be a fresh one) and measure its peak memory."""
+    torch.manual_seed(0)
+    torch.set_num_threads(case["threads"])
+    fn, edges = make_function(case)
+    q, k, v = (torch.randn(case["n"], case["heads"], case["dim"], requires_grad=True)
+               for _ in range(3))
+    baseline = reset_peak_memory()  # setup (e.g. building the pattern) does not count
+
+    def forward():
+        with torch.no_grad():
+            fn(q, k, v)
+
+    def forward_backward():
+        fn(q, k, v).sum().backward()
+        q.grad = k.grad = v.grad = None
+
+    result = {**case, "edges": edges, "flops": counted_flops(case, edges)}
+    for name, step in (("forward", forward), ("forward_backward", forward_backward)):
+        step()  # warm-up (and graph formats, caches)
+        times = []
+        deadline = time.perf_counter() + case["budget_s"]
+        while len(times) < case["repeats"] and (len(times) < 1 or time.perf_counter() < deadline):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        result[f"{name}_s"] = statistics.median(times)
+        result[f"{name}_repeats"] = len(times)
+    result["peak_memory_bytes"] = max(0, peak_memory() - baseline)
+    return result
+
+
+def matmul_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2.0 * size**3 / statistics.median(times) / 1e9
+
+
+# --- the suite ---------------------------------------------------------------------------------
+
+def cases(lengths, patterns, hops_list, heads, dim, threads, repeats, budget_s):
+    for n in lengths:
+        base = dict(n=n, heads=heads, dim=dim, threads=threads, repeats=repeats,
+                    budget_s=budget_s)
+        yield {**base, "impl": "dense_sdpa", "pattern": None, "hops": 0}
+        for pattern in patterns:
+            spec = PATTERNS[pattern]
+            if spec.kind == "official" and n > spec.max_len:
+                continue
+            yield {**base, "impl": "sparse_one_hop", "pattern": pattern, "hops": 1}
+            for hops in hops_list:  # K = 1 is sparse_one_hop above
+                for impl in ("block", "dgl", "gather_scatter", "dense_masked"):
+                    if (impl == "dense_masked" and n > DENSE_MASKED_MAX) or (
+                            impl == "block" and not supports(spec)):
+                        continue
+                    yield {**base, "impl": impl, "pattern": pattern, "hops": hops}
+
+
+def run_in_subprocess(case: dict, timeout: float) -> dict:
+    command = [sys.executable, __file__, "--case", json.dumps(case)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**case, "error": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        reason = "out of memory" if done.returncode in (-9, 137) else done.stderr.strip()[-300:]
+        return {**case, "error": reason}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def add_ratios(rows: list[dict], peak_gflops: float) -> None:
+    """Speed-up over dense SDPA at the same n, and throughput as a fraction of the matmul peak."""
+    sdpa = {r["n"]: r for r in rows if r["impl"] == "dense_sdpa" and "error" not in r}
+    for row in rows:
+        if "error" in row:
+            continue
+        row["gflops"] = row["flops"] / row["forward_backward_s"] / 1e9 * 3  # fwd+bwd ~ 3x fwd
+        row["fraction_of_matmul"] = row["gflops"] / peak_gflops
+        if row["n"] in sdpa:
+            row["speedup_vs_sdpa"] = sdpa[row["n"]]["forward_backward_s"] / row["forward_backward_s"]
+            row["memory_vs_sdpa"] = (row["peak_memory_bytes"]
+                                     / max(2**20, sdpa[row["n"]]["peak_memory_bytes"]))
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"# Attention benchmark ({meta['machine']})",
+        "",
+        f"{meta['threads']} threads, H = {meta['heads']}, D = {meta['dim']}, fp32. Dense matmul "
+        f"in this run: {meta['matmul_gflops']:.1f} GFLOP/s. Speed-up and memory are relative to "
+        "dense SDPA at the same n (forward+backward); GFLOP/s counts 2·E·H·D per score and per "
+        "hop, with forward+backward taken as 3× the forward FLOPs.",
+        "",
+        "| n | implementation | pattern | K | fwd (s) | fwd+bwd (s) | × vs SDPA | peak MiB | "
+        "mem vs SDPA | GFLOP/s | % of matmul |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        head = f"| {r['n']} | {r['impl']} | {r['pattern'] or '(full)'} | {r['hops']} |"
+        if "error" in r:
+            lines.append(f"{head} — | — | — | — | — | — | {r['error']} |")
+            continue
+        lines.append(
+            f"{head} {r['forward_s']:.4f} | {r['forward_backward_s']:.4f} | "
+            f"{r.get('speedup_vs_sdpa', float('nan')):.2f} | "
+            f"{r['peak_memory_bytes'] / 2**20:.0f} | {r.get('memory_vs_sdpa', float('nan')):.2f} | "
+            f"{r['gflops']:.2f} | {100 * r['fraction_of_matmul']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5))
+    time_ax, memory_ax = fig.subplots(1, 2)
+    series: dict = {}
+    for r in rows:
+        if "error" not in r:
+            label = r["impl"] if r["pattern"] is None else f"{r['impl']} {r['pattern']} K={r['hops']}"
+            series.setdefault(label, []).append(r)
+    for label, points in series.items():
+        points.sort(key=lambda r: r["n"])
+        ns = [r["n"] for r in points]
+        time_ax.plot(ns, [r["forward_backward_s"] for r in points], marker="o", label=label)
+        memory_ax.plot(ns, [max(r["peak_memory_bytes"], 1) / 2**20 for r in points], marker="o",
+                       label=label)
+    for ax, ylabel, title in ((time_ax, "forward+backward time (s)", "Time"),
+                              (memory_ax, "peak memory growth (MiB)", "Memory")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length n")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} vs length (log-log)")
+        ax.grid(True, which="both", alpha=0.3)
+    time_ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def profile(n: int, heads: int, dim: int, threads: int, rows: int = 12) -> str:
+    """torch.profiler tables (self CPU time) of one forward+backward of each engine."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    sections = [f"# Where the time goes: n = {n}, H = {heads}, D = {dim}, K = 5, "
+                f"{threads} threads, forward+backward", ""]
+    for impl in ("block", "dgl"):
+        case = dict(impl=impl, n=n, heads=heads, dim=dim, threads=threads, pattern="window32+2g+3r",
+                    hops=5)
+        torch.set_num_threads(threads)
+        fn, _ = make_function(case)
+        q, k, v = (torch.randn(n, heads, dim, requires_grad=True) for _ in range(3))
+        fn(q, k, v).sum().backward()  # warm-up
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn(q, k, v).sum().backward()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+        sections += [f"## {impl}", "", "```", table, "```", ""]
+    return "\n".join(sections)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
+    parser.add_argument("--hops", type=int, nargs="+", default=[5])
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds of repeats per case")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per case")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--profile", type=int, metavar="N", default=None,
+                        help="only profile the block and DGL engines (K=5) at length N and write "
+                             "profile.md")
+    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = parser.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))))
+        return 0
+    if args.profile:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        text = profile(args.profile, args.heads, args.dim, args.threads)
+        (Path(args.out) / "profile.md").write_text(text)
+        print(text)
+        return 0
+
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    peak = matmul_gflops(args.threads)
+    todo = list(cases(args.lengths, args.patterns, args.hops, args.heads, args.dim, args.threads,
+                      args.repeats, args.budget))
+    rows = [run_in_subprocess(case, args.timeout) for case in tqdm(todo, desc="benchmark")]
+    add_ratios(rows, peak)
+    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+            "threads": args.threads, "heads": args.heads, "dim": args.dim,
+            "matmul_gflops": peak}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "results.md").write_text(markdown(rows, meta))
+    plot(rows, out / "results.png")
+    print(markdown(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
