@@ -4,7 +4,8 @@ import numpy as np
 import pydantic
 import pytest
 
-from diffuser_graph.tasks import (CLS_ID, DataError, ListOpsTask, TextTask, collate, listops,
+from diffuser_graph.tasks import (CLS_ID, DataError, ImageTask, ListOpsTask, MultiHopTask, TextTask,
+                                  collate, image, listops, multihop,
                                   load_task, text)
 
 SMALL_LISTOPS = ListOpsTask(max_depth=4, max_args=5, min_length=10, max_length=60,
@@ -147,3 +148,100 @@ def test_task_config_errors_name_the_key():
         ListOpsTask(min_length=100, max_length=50)
     with pytest.raises(pydantic.ValidationError, match="max_dept"):
         ListOpsTask(max_dept=3)
+
+
+# --- image -----------------------------------------------------------------------------------
+
+def test_digits_are_pixel_sequences_for_the_grid_pattern():
+    data = load_task(ImageTask(), seed=0)
+    assert data.image_size == (8, 8) and data.vocab_size == 19 and data.num_labels == 10
+    assert len(data.train) + len(data.val) + len(data.test) == 1797
+    assert all(len(s) == 64 for s in data.train.sequences)
+    assert min(int(s.min()) for s in data.train.sequences) >= 2  # ids 0, 1 stay reserved
+    again = load_task(ImageTask(), seed=0)
+    assert np.array_equal(again.test.labels, data.test.labels)
+    assert not np.array_equal(load_task(ImageTask(), seed=1).test.labels, data.test.labels)
+
+
+def write_cifar(folder, images_per_batch=4, corrupt=None):
+    import pickle
+
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in (*image.CIFAR_TRAIN, image.CIFAR_TEST):
+        batch = {b"data": rng.integers(0, 256, (images_per_batch, 3072), dtype=np.uint8),
+                 b"labels": list(rng.integers(0, 10, images_per_batch))}
+        if corrupt == name:
+            batch[b"data"] = batch[b"data"][:, :1000]
+        (folder / name).write_bytes(pickle.dumps(batch))
+
+
+def test_cifar_fixture_in_the_standard_format(tmp_path):
+    write_cifar(tmp_path / "cifar")
+    data = load_task(ImageTask(source="cifar10", path=str(tmp_path / "cifar"), val_fraction=0.25),
+                     seed=0)
+    assert data.image_size == (32, 32) and data.vocab_size == 258
+    assert len(data.test) == 4 and len(data.train) + len(data.val) == 20 and len(data.val) == 5
+    assert all(len(s) == 1024 for s in data.test.sequences)
+    # grey = 0.2989 R + 0.5870 G + 0.1140 B, rounded
+    rgb = np.zeros((1, 3072), dtype=np.uint8)
+    rgb[0, :1024], rgb[0, 1024:2048], rgb[0, 2048:] = 100, 200, 50
+    assert image.to_grey(rgb)[0, 0] == round(0.2989 * 100 + 0.587 * 200 + 0.114 * 50)
+
+
+@pytest.mark.parametrize("problem,message", [
+    ("missing", "data_batch_3: file does not exist"),
+    ("shape", "data_batch_2: b'data' must be \\(N, 3072\\)"),
+    ("labels", "test_batch: labels must be 0-9"),
+    ("garbage", "data_batch_1: not a CIFAR-10 python batch"),
+])
+def test_cifar_errors_name_the_file(tmp_path, problem, message):
+    import pickle
+
+    folder = tmp_path / "cifar"
+    write_cifar(folder, corrupt="data_batch_2" if problem == "shape" else None)
+    if problem == "missing":
+        (folder / "data_batch_3").unlink()
+    if problem == "labels":
+        batch = pickle.loads((folder / "test_batch").read_bytes())
+        batch[b"labels"][1] = 11
+        (folder / "test_batch").write_bytes(pickle.dumps(batch))
+    if problem == "garbage":
+        (folder / "data_batch_1").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match=message):
+        load_task(ImageTask(source="cifar10", path=str(folder)), seed=0)
+
+
+def test_cifar_needs_a_path():
+    with pytest.raises(pydantic.ValidationError, match="needs path"):
+        ImageTask(source="cifar10")
+
+
+# --- multi-hop probe ---------------------------------------------------------------------------
+
+def test_multihop_by_hand():
+    s = lambda x: multihop.FIRST_SYMBOL + x  # noqa: E731
+    f, a, q = multihop.FILLER, multihop.ARROW, multihop.QUERY
+    sequence = np.array([CLS_ID, s(2), a, s(7), f, s(0), a, s(2), f, s(7), a, s(4), f, q, s(0)])
+    assert multihop.answer(sequence) == 4  # 0 -> 2 -> 7 -> 4
+
+
+def test_multihop_generator_is_correct_and_deterministic():
+    task = MultiHopTask(seq_len=128, num_symbols=12, chain=3, distractors=5, train_size=300,
+                        val_size=10, test_size=10)
+    data = load_task(task, seed=0)
+    for sequence, label in zip(data.train.sequences, data.train.labels):
+        assert len(sequence) == 128 and sequence[0] == CLS_ID
+        assert sequence[-2] == multihop.QUERY
+        assert int(np.sum(sequence == multihop.ARROW)) == 8  # chain + distractor facts
+        assert multihop.answer(sequence) == label
+    assert data.num_labels == 12 and data.vocab_size == 17
+    assert np.array_equal(load_task(task, seed=0).train.labels, data.train.labels)
+    assert 0.02 < np.bincount(data.train.labels, minlength=12).max() / 300 < 0.2
+
+
+def test_multihop_config_errors():
+    with pytest.raises(pydantic.ValidationError, match="num_symbols"):
+        MultiHopTask(num_symbols=5, chain=3, distractors=4)
+    with pytest.raises(pydantic.ValidationError, match="seq_len"):
+        MultiHopTask(seq_len=20, chain=3, distractors=5)

@@ -141,10 +141,36 @@ def test_sequences_longer_than_max_positions_are_rejected(tmp_path):
         train(config, progress=False)
 
 
-@pytest.mark.parametrize("name", ["listops", "listops-small", "text", "text-small"])
+SHIPPED = ["listops", "listops-small", "text", "text-small", "image", "image-small", "multihop",
+           "multihop-small"]
+SMALL_DATA = {"listops": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
+              "text": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
+              "image": [],
+              "multihop": ["task.train_size=64", "task.val_size=16", "task.test_size=16"]}
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_are_valid(name):
     config = load_config(REPO / "configs" / f"{name}.yaml", RunConfig)
     assert config.task.name in name
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if n.endswith("-small")])
+def test_every_small_config_trains_end_to_end(name, tmp_path):
+    task = name.removesuffix("-small")
+    config = load_config(REPO / "configs" / f"{name}.yaml", RunConfig, [
+        *SMALL_DATA[task], "train.max_steps=3", "train.eval_every=3", "train.log_every=1",
+        f"out_dir={tmp_path / name}"])
+    results = train(config, progress=False)
+    assert results["best_step"] == 3 and 0 <= results["test"]["accuracy"] <= 1
+
+
+def test_grid_pattern_must_match_the_images(tmp_path):
+    config = load_config(REPO / "configs" / "image-small.yaml", RunConfig, [
+        "model.pattern.image_size=[4,16]", f"out_dir={tmp_path / 'x'}"])
+    with pytest.raises(ConfigError, match=r"image_size is \(4, 16\) but the task's sequences "
+                                          r"are \(8, 8\)"):
+        train(config, progress=False)
 
 
 def free_port() -> int:

@@ -220,6 +220,10 @@ def _prepare(config: RunConfig) -> tuple[TaskData, DiffuserConfig]:
         model_config = config.model.resolved(data.vocab_size, data.num_labels)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    pattern = model_config.pattern
+    if pattern.kind == "grid" and tuple(pattern.image_size) != tuple(data.image_size or ()):
+        raise ConfigError(f"model.pattern.image_size is {pattern.image_size} but the task's "
+                          f"sequences are {data.image_size or 'not images'}")
     longest = max(split.max_length() for _, split in data.splits())
     if longest > model_config.max_positions:
         raise ConfigError(f"the data has sequences of {longest} tokens but model.max_positions "

@@ -61,6 +61,7 @@ class TaskData:
     num_labels: int
     matching: bool = False
     decode: Optional[object] = field(default=None, repr=False)  # ids -> readable text
+    image_size: Optional[tuple] = None  # (H, W) when every sequence is an H x W image
 
     def splits(self) -> Iterator[tuple[str, Split]]:
         yield from (("train", self.train), ("val", self.val), ("test", self.test))

@@ -1,0 +1,117 @@
+"""Image classification with pixels as tokens (LRA "Image"), for the 2-D grid pattern.
+
+Each pixel's grey level is a token and an image of H x W pixels is a sequence of H*W tokens in
+row-major order, with no extra token, so ``PatternSpec(kind="grid", image_size=(H, W))`` applies
+directly (use ``pooling: mean``). Sources:
+
+- ``digits`` (the default): scikit-learn's bundled 8x8 handwritten digits (1,797 images, grey
+  levels 0-16), split deterministically from the seed.
+- ``cifar10``: CIFAR-10's python pickle batches (``data_batch_1`` .. ``data_batch_5``,
+  ``test_batch``) from ``path``, converted to 32x32 grey levels 0-255 as in LRA; the validation
+  split is carved from the training batches.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .base import DataError, Split, TaskData
+
+OFFSET = 2  # ids 0 and 1 stay <pad> and <cls>, as in every task
+CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST = "test_batch"
+CIFAR_SIDE = 32
+
+
+class ImageTask(BaseModel):
+    """Config of pixel-sequence image classification (``task: {name: image, ...}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["image"] = "image"
+    source: Literal["digits", "cifar10"] = "digits"
+    path: Optional[str] = None  # folder of the CIFAR-10 python batches
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)  # digits only: CIFAR has a test batch
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> "ImageTask":
+        if self.source == "cifar10" and self.path is None:
+            raise ValueError("source 'cifar10' needs path: the folder with data_batch_1..5 and "
+                             "test_batch")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be < 1")
+        return self
+
+
+def image_size(task: ImageTask) -> tuple[int, int]:
+    return (8, 8) if task.source == "digits" else (CIFAR_SIDE, CIFAR_SIDE)
+
+
+def to_grey(rgb_rows: np.ndarray) -> np.ndarray:
+    """CIFAR rows ``(N, 3072)`` (R plane, G plane, B plane) -> ``(N, 1024)`` grey levels 0-255."""
+    planes = rgb_rows.reshape(-1, 3, CIFAR_SIDE * CIFAR_SIDE).astype(np.float64)
+    grey = 0.2989 * planes[:, 0] + 0.5870 * planes[:, 1] + 0.1140 * planes[:, 2]
+    return np.clip(np.round(grey), 0, 255).astype(np.int64)
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch -> (grey pixels ``(N, 1024)``, labels ``(N,)``)."""
+    if not path.is_file():
+        raise DataError(path, None, "file does not exist")
+    try:
+        with path.open("rb") as handle:
+            batch = pickle.load(handle, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        raise DataError(path, None, f"not a CIFAR-10 python batch: {err}") from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise DataError(path, None, "a CIFAR-10 batch is a dict with b'data' and b'labels'")
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3 * CIFAR_SIDE * CIFAR_SIDE:
+        raise DataError(path, None, f"b'data' must be (N, 3072) for 32x32 RGB images, got "
+                                    f"{data.shape}")
+    if len(labels) != len(data) or len(data) == 0:
+        raise DataError(path, None, f"{len(data)} images but {len(labels)} labels")
+    bad = np.flatnonzero((labels < 0) | (labels > 9))
+    if bad.size:
+        raise DataError(path, None, f"labels must be 0-9; image {bad[0]} has {labels[bad[0]]}")
+    return to_grey(data), labels
+
+
+def _split(pixels: np.ndarray, labels: np.ndarray, fractions: tuple[float, float],
+           rng: np.random.Generator) -> dict[str, Split]:
+    """Shuffle once and cut into train / val / test by ``(val_fraction, test_fraction)``."""
+    order = rng.permutation(len(labels))
+    n_val, n_test = (int(round(f * len(labels))) for f in fractions)
+    parts = {"val": order[:n_val], "test": order[n_val:n_val + n_test],
+             "train": order[n_val + n_test:]}
+    return {name: Split([pixels[i] + OFFSET for i in index], labels[index])
+            for name, index in parts.items()}
+
+
+def load(task: ImageTask, seed: int) -> TaskData:
+    rng = np.random.default_rng([seed, 0x1A6E])
+    if task.source == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        pixels = digits.data.astype(np.int64)
+        splits = _split(pixels, digits.target.astype(np.int64),
+                        (task.val_fraction, task.test_fraction), rng)
+        levels = 17
+    else:
+        folder = Path(task.path)
+        batches = [read_cifar_batch(folder / name) for name in CIFAR_TRAIN]
+        pixels = np.concatenate([b[0] for b in batches])
+        labels = np.concatenate([b[1] for b in batches])
+        splits = _split(pixels, labels, (task.val_fraction, 0.0), rng)
+        test_pixels, test_labels = read_cifar_batch(folder / CIFAR_TEST)
+        splits["test"] = Split([row + OFFSET for row in test_pixels], test_labels)
+        levels = 256
+    return TaskData(**splits, vocab_size=levels + OFFSET, num_labels=10,
+                    image_size=image_size(task))
