@@ -106,7 +106,7 @@ def parse(tokens: List[str]) -> Tree:
 
 
 class _TooLong(Exception):
-    pass
+    """A tree being grown has passed ``max_length`` tokens: stop and draw another."""
 
 
 def random_tree(rng: np.random.Generator, task: ListOpsTask) -> Optional[Tree]:
