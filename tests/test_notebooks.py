@@ -21,7 +21,7 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     monkeypatch.setenv("MPLBACKEND", "Agg")
     # a run folder that does not exist: notebook 03 trains its own short run
     monkeypatch.setenv("DIFFUSER_RUN", str(tmp_path / "no-run"))
-    NotebookClient(notebook, timeout=180, kernel_name="python3",
+    NotebookClient(notebook, timeout=600, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent)}}).execute()
     images = sum("image/png" in output.get("data", {})
                  for cell in notebook.cells if cell.cell_type == "code"
