@@ -237,3 +237,18 @@ def test_bad_module_arguments():
     layer = DiffuserAttention(32, 4)
     with pytest.raises(ValueError, match="x must be \\(N, 32\\)"):
         layer(build_graph(5, PatternSpec(window=1)), torch.randn(5, 16))
+
+
+def test_full_attention_equals_graph_attention_over_every_pair_and_checks_lengths():
+    from diffuser_graph.attention import full_attention
+
+    lengths = [5, 3]
+    q, k, v = random_qkv(8)
+    everything = batch_graphs(lengths, PatternSpec(window=10))
+    torch.testing.assert_close(full_attention(lengths, q, k, v),
+                               diffusion_attention(everything, q, k, v, alpha=0.0, hops=1),
+                               rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="N=8 rows but lengths sum to 9"):
+        full_attention([5, 4], q, k, v)
+    with pytest.raises(ValueError, match="attn_dropout"):
+        full_attention(lengths, q, k, v, attn_dropout=1.0)

@@ -75,3 +75,15 @@ def test_to_scipy_and_networkx_agree_with_edges():
     nxg = to_networkx(g)
     assert nxg.number_of_nodes() == 25 and nxg.number_of_edges() == src.size
     assert all(nxg.has_edge(u, v) for u, v in zip(src[:50].tolist(), dst[:50].tolist()))
+
+
+def test_padding_from_lengths():
+    from diffuser_graph.graph import Padding
+
+    padding = Padding.from_lengths([3, 1])
+    assert padding.padded_shape == (2, 3)
+    assert padding.mask.tolist() == [[True, True, True], [True, False, False]]
+    with pytest.raises(ValueError, match=">= 1"):
+        Padding.from_lengths([3, 0])
+    with pytest.raises(ValueError, match="at least one"):
+        Padding.from_lengths([])
