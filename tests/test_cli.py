@@ -88,3 +88,29 @@ def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "diffuser_graph.cli", "spectral", "--help"],
                             capture_output=True, text=True, check=True)
     assert "examples:" in result.stdout and "key.path=value" in result.stdout
+
+
+def test_examples_command_draws_images_and_prints_text(tmp_path, capsys):
+    out = tmp_path / "pf.png"
+    small = ["task.train_size=6", "task.val_size=2", "task.test_size=2"]
+    assert main(["examples", str(REPO / "configs" / "pathfinder-small.yaml"), *small,
+                 "--count", "4", "--out", str(out)]) == 0
+    assert "wrote 4 train examples" in capsys.readouterr().out
+    import matplotlib.image
+
+    picture = matplotlib.image.imread(out)
+    assert picture.ndim == 3 and picture.shape[0] > 100 and picture[..., :3].std() > 0.1
+    assert main(["examples", str(REPO / "configs" / "text-small.yaml"), *small, "--count", "2",
+                 "--chars", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("--- train example") == 2 and "label" in printed
+
+
+@pytest.mark.parametrize("args,message", [
+    (["configs/pathfinder-small.yaml", "task.train_size=2"], "holds images: pass --out PNG"),
+    (["configs/text-small.yaml", "--count", "0"], "--count must be at least 1"),
+])
+def test_examples_command_errors(args, message, capsys):
+    args[0] = str(REPO / args[0])
+    assert main(["examples", *args]) == 2
+    assert message in capsys.readouterr().err

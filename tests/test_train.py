@@ -141,11 +141,12 @@ def test_sequences_longer_than_max_positions_are_rejected(tmp_path):
         train(config, progress=False)
 
 
-SHIPPED = ["listops", "listops-small", "text", "text-small", "image", "image-small", "multihop",
-           "multihop-small"]
+SHIPPED = [name + size for name in ("listops", "text", "image", "pathfinder", "multihop")
+           for size in ("", "-small")]
 SMALL_DATA = {"listops": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
               "text": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
               "image": [],
+              "pathfinder": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
               "multihop": ["task.train_size=64", "task.val_size=16", "task.test_size=16"]}
 
 

@@ -1,4 +1,4 @@
-"""Command line: ``diffuser-graph train | eval | spectral | pattern``."""
+"""Command line: ``diffuser-graph train | eval | examples | spectral | pattern``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import yaml
 
 from .config import ConfigError, apply_overrides, load_config, validate_config
@@ -28,6 +29,12 @@ SPECTRAL_EXAMPLES = """examples:
   diffuser-graph spectral configs/spectral.yaml
   diffuser-graph spectral configs/spectral.yaml seq_lens=[512,1024] out_dir=runs/quick
   diffuser-graph spectral configs/spectral.yaml variants.window.window=16 seed=3
+"""
+
+EXAMPLES_EXAMPLES = """examples:
+  diffuser-graph examples configs/pathfinder-small.yaml --out pathfinder.png
+  diffuser-graph examples configs/image-small.yaml --split test --count 32 --out digits.png
+  diffuser-graph examples configs/text-small.yaml --count 3
 """
 
 PATTERN_EXAMPLES = """examples:
@@ -97,6 +104,45 @@ def _eval(args: argparse.Namespace) -> int:
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
     print(json.dumps(results, indent=1))
+    return 0
+
+
+def _examples(args: argparse.Namespace) -> int:
+    from .tasks import load_task
+    from .train import RunConfig
+
+    if args.count < 1:
+        raise ConfigError(f"--count must be at least 1, got {args.count}")
+    config = load_config(args.config, RunConfig, args.overrides)
+    data = load_task(config.task, config.seed)
+    split = getattr(data, args.split)
+    chosen = range(min(args.count, len(split)))
+    if data.image_size is not None:
+        if args.out is None:
+            raise ConfigError(f"task {config.task.name!r} holds images: pass --out PNG")
+        from matplotlib.figure import Figure
+
+        from .train import save_figure
+        from .visualize import draw_image_examples
+
+        images = [np.asarray(split.sequences[i]).reshape(data.image_size) for i in chosen]
+        columns = min(8, len(images))
+        fig = Figure(figsize=(1.6 * columns, 0.4 + 2.0 * int(np.ceil(len(images) / columns))))
+        draw_image_examples(fig, images, [f"label {split.labels[i]}" for i in chosen], columns)
+        fig.suptitle(f"{config.task.name}: {args.split} examples (pixel = token id)", fontsize=9)
+        fig.tight_layout()
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        save_figure(fig, Path(args.out))
+        print(f"wrote {len(images)} {args.split} examples to {args.out}")
+        return 0
+    show = data.decode or (lambda ids: " ".join(str(int(i)) for i in ids))
+    for i in chosen:
+        print(f"--- {args.split} example {i}: label {split.labels[i]}, "
+              f"{len(split.sequences[i])} tokens")
+        print(show(split.sequences[i])[:args.chars])
+        if split.pairs is not None:
+            print(f"--- paired with ({len(split.pairs[i])} tokens)")
+            print(show(split.pairs[i])[:args.chars])
     return 0
 
 
@@ -199,6 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
         "YAML config, e.g. configs/spectral.yaml")
     spectral.add_argument("--out", default=None, help="output folder (default: out_dir)")
     spectral.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    examples = config_command(
+        "examples", "show a task's examples (images as a PNG, text printed)",
+        "Generate or read a config's task and show examples of one split: image tasks "
+        "(image, pathfinder) as a PNG grid titled by label, the others as decoded text.",
+        EXAMPLES_EXAMPLES, _examples, "YAML config, e.g. configs/pathfinder-small.yaml")
+    examples.add_argument("--split", choices=("train", "val", "test"), default="train")
+    examples.add_argument("--count", type=int, default=16, help="how many (default 16)")
+    examples.add_argument("--out", default=None, help="PNG to write (image tasks)")
+    examples.add_argument("--chars", type=int, default=400,
+                          help="characters of each text example to print (default 400)")
 
     pattern = commands.add_parser(
         "pattern", help="statistics (and a picture) of one pattern at one length",

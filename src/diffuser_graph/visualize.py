@@ -74,3 +74,15 @@ def draw_receptive_field(ax, g: dgl.DGLGraph, query: int, hops: int,
     reached = int(np.isfinite(distance).sum())
     ax.set_title(f"{hops}-hop receptive field of token {query}: {reached} of "
                  f"{g.num_nodes()} tokens", fontsize=9)
+
+
+def draw_image_examples(fig, images: list[np.ndarray], titles: list[str],
+                        columns: int = 8) -> None:
+    """Grey-level ``(H, W)`` images in a grid of ``columns``, each titled (e.g. its label)."""
+    rows = int(np.ceil(len(images) / columns))
+    for index, (image, title) in enumerate(zip(images, titles)):
+        ax = fig.add_subplot(rows, columns, index + 1)
+        ax.imshow(image, cmap="gray", vmin=0, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])

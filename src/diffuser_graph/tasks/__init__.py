@@ -8,18 +8,19 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from . import image, listops, multihop, text
+from . import image, listops, multihop, pathfinder, text
 from .base import CLS_ID, PAD_ID, DataError, Split, TaskData, collate, pad
 from .image import ImageTask
 from .listops import ListOpsTask
 from .multihop import MultiHopTask
+from .pathfinder import PathfinderTask
 from .text import TextTask
 
-TaskConfig = Annotated[Union[ListOpsTask, TextTask, ImageTask, MultiHopTask],
+TaskConfig = Annotated[Union[ListOpsTask, TextTask, ImageTask, PathfinderTask, MultiHopTask],
                        Field(discriminator="name")]
 
 _LOADERS = {"listops": listops.load, "text": text.load, "image": image.load,
-            "multihop": multihop.load}
+            "pathfinder": pathfinder.load, "multihop": multihop.load}
 
 
 def load_task(task: TaskConfig, seed: int) -> TaskData:
@@ -27,5 +28,6 @@ def load_task(task: TaskConfig, seed: int) -> TaskData:
     return _LOADERS[task.name](task, seed)
 
 
-__all__ = ["TaskConfig", "ListOpsTask", "TextTask", "ImageTask", "MultiHopTask", "TaskData", "Split", "DataError", "collate",
+__all__ = ["TaskConfig", "ListOpsTask", "TextTask", "ImageTask", "MultiHopTask",
+           "PathfinderTask", "TaskData", "Split", "DataError", "collate",
            "pad", "load_task", "PAD_ID", "CLS_ID"]

@@ -1,0 +1,163 @@
+"""Pathfinder (LRA): are the two dots joined by one dashed path? Our own procedural generator.
+
+Every image (``size`` x ``size`` grey levels, 0 background, 255 ink) holds two long dashed,
+smoothly curving paths of ``path_length`` pixels and ``distractors`` shorter ones. Two dots
+(3x3 squares) mark path ends: for label 1 both ends of the same path, for label 0 one end of
+each long path. Both classes draw the same amount of ink, so only following a path answers.
+Longer paths are harder: the dots lie further apart along the curve.
+
+Paths are random walks with unit steps whose heading turns by at most ``max_turn`` degrees per
+step; ``dash`` pixels are inked then ``gap`` skipped. A path is redrawn if it leaves the image
+or comes within three pixels of another path (gaps included), so paths never touch or cross and
+the label is exactly "same connected curve". Pixels are tokens (grey level + 2) in row-major
+order, as in the image task, for the 2-D ``grid`` pattern.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .base import Split, TaskData
+from .image import OFFSET
+
+INK = 255
+SEPARATION = 3  # paths stay > 3 pixels apart, so even two dots (3x3) never touch
+MAX_TRIES = 20  # walks tried per path before the whole image is started again
+TURNS_PER_STEP = 8  # random turns tried at each step before a walk is stuck
+MAX_RESTARTS = 50  # whole images started again before the config is declared impossible
+
+
+class PathfinderTask(BaseModel):
+    """Config of the Pathfinder generator (``task: {name: pathfinder, ...}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["pathfinder"] = "pathfinder"
+    size: int = Field(default=32, ge=8)  # image side in pixels; sequences are size**2 tokens
+    path_length: int = Field(default=30, ge=4)  # pixels along each long path (difficulty)
+    distractors: int = Field(default=2, ge=0)  # extra paths without dots
+    distractor_length: Optional[int] = Field(default=None, ge=2)  # None: path_length // 2
+    dash: int = Field(default=2, ge=1)  # inked pixels per dash
+    gap: int = Field(default=1, ge=0)  # skipped pixels between dashes (0: solid lines)
+    max_turn: float = Field(default=30.0, ge=0, le=90)  # degrees of heading change per step
+    train_size: int = Field(default=8000, ge=1)
+    val_size: int = Field(default=1000, ge=1)
+    test_size: int = Field(default=1000, ge=1)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "PathfinderTask":
+        if self.path_length > 2 * self.size:
+            raise ValueError(f"path_length ({self.path_length}) must be at most 2 * size "
+                             f"({2 * self.size}) so that paths fit in the image")
+        return self
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.size, self.size)
+
+
+def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels within Chebyshev distance ``radius`` of ``mask``."""
+    from scipy.ndimage import binary_dilation
+
+    return binary_dilation(mask, structure=np.ones((2 * radius + 1,) * 2, dtype=bool))
+
+
+def grow_path(free: np.ndarray, length: int, max_turn: float,
+              rng: np.random.Generator) -> Optional[np.ndarray]:
+    """Pixels ``(length, 2)`` (row, col) of a unit-step walk through ``free`` pixels whose
+    heading turns by at most ``max_turn`` degrees per step; None if it gets stuck."""
+    starts = np.argwhere(free)
+    if not len(starts):
+        return None
+    position = starts[rng.integers(len(starts))].astype(np.float64)
+    heading = rng.uniform(0, 2 * np.pi)
+    points = [position]
+    for _ in range(length - 1):
+        turns = np.radians(rng.uniform(-max_turn, max_turn, size=TURNS_PER_STEP))
+        steps = position + np.stack([np.sin(heading + turns), np.cos(heading + turns)], axis=1)
+        rows, cols = np.round(steps).astype(np.int64).T
+        inside = (rows >= 0) & (rows < free.shape[0]) & (cols >= 0) & (cols < free.shape[1])
+        ok = np.flatnonzero(inside)[free[rows[inside], cols[inside]]]
+        if not len(ok):
+            return None
+        position, heading = steps[ok[0]], heading + turns[ok[0]]
+        points.append(position)
+    return np.round(np.array(points)).astype(np.int64)
+
+
+def place_path(occupied: np.ndarray, length: int, max_turn: float, margin: int,
+               rng: np.random.Generator) -> Optional[np.ndarray]:
+    """A walk ``margin`` pixels inside the image that keeps ``SEPARATION`` empty pixels from
+    ``occupied``; None if ``MAX_TRIES`` walks all get stuck."""
+    free = ~dilate(occupied, SEPARATION)
+    free[:margin], free[-margin:], free[:, :margin], free[:, -margin:] = False, False, False, False
+    for _ in range(MAX_TRIES):
+        points = grow_path(free, length, max_turn, rng)
+        if points is not None:
+            return points
+    return None
+
+
+def ink_path(image: np.ndarray, points: np.ndarray, dash: int, gap: int) -> None:
+    """Ink every pixel of the walk whose step lies in a dash (the walk's ends always do)."""
+    inked = (np.arange(len(points)) % (dash + gap)) < dash
+    inked[[0, -1]] = True
+    image[points[inked, 0], points[inked, 1]] = INK
+
+
+def ink_dot(image: np.ndarray, point: np.ndarray) -> None:
+    row, col = point
+    image[row - 1:row + 2, col - 1:col + 2] = INK
+
+
+def make_example(task: PathfinderTask, label: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One ``(size, size)`` uint8 image with answer ``label``, and its paths (long ones first)."""
+    lengths = [task.path_length] * 2 + [task.distractor_length or max(2, task.path_length // 2)
+                                        ] * task.distractors
+    for _ in range(MAX_RESTARTS):
+        occupied = np.zeros(task.image_size, dtype=bool)
+        paths = []
+        for length in lengths:
+            points = place_path(occupied, length, task.max_turn, margin=1, rng=rng)
+            if points is None:
+                break
+            occupied[points[:, 0], points[:, 1]] = True
+            paths.append(points)
+        if len(paths) == len(lengths):
+            break
+    else:
+        raise ValueError(f"cannot fit {len(lengths)} separate paths of {lengths} pixels in a "
+                         f"{task.size}x{task.size} image; use fewer distractors, shorter paths "
+                         f"or a larger size")
+    image = np.zeros(task.image_size, dtype=np.uint8)
+    for points in paths:
+        ink_path(image, points, task.dash, task.gap)
+    first, second = paths[0], paths[1]
+    dots = (first[0], first[-1]) if label == 1 else (first[rng.integers(2) * -1],
+                                                     second[rng.integers(2) * -1])
+    for dot in dots:
+        ink_dot(image, dot)
+    return image, paths
+
+
+def generate(task: PathfinderTask, size: int, rng: np.random.Generator) -> Split:
+    """``size`` images, labels balanced and shuffled."""
+    labels = rng.permutation(np.arange(size) % 2)
+    images = [make_example(task, int(label), rng)[0] for label in labels]
+    return Split([image.ravel().astype(np.int64) + OFFSET for image in images], labels)
+
+
+def to_image(ids: np.ndarray, size: int) -> np.ndarray:
+    """Token ids ``(size * size,)`` back to the ``(size, size)`` grey-level image."""
+    return (np.asarray(ids) - OFFSET).reshape(size, size)
+
+
+def load(task: PathfinderTask, seed: int) -> TaskData:
+    rng = np.random.default_rng([seed, 0x9A7F])
+    splits = {name: generate(task, getattr(task, f"{name}_size"), rng)
+              for name in ("train", "val", "test")}
+    return TaskData(**splits, vocab_size=256 + OFFSET, num_labels=2, image_size=task.image_size)
