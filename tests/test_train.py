@@ -141,12 +141,14 @@ def test_sequences_longer_than_max_positions_are_rejected(tmp_path):
         train(config, progress=False)
 
 
-SHIPPED = [name + size for name in ("listops", "text", "image", "pathfinder", "multihop")
+SHIPPED = [name + size for name in ("listops", "text", "image", "pathfinder", "retrieval",
+                                      "multihop")
            for size in ("", "-small")]
 SMALL_DATA = {"listops": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
               "text": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
               "image": [],
               "pathfinder": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
+              "retrieval": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
               "multihop": ["task.train_size=64", "task.val_size=16", "task.test_size=16"]}
 
 

@@ -13,6 +13,12 @@ from .attention import DiffuserAttention, diffuse, diffusion_attention, edge_att
 from .block_engine import block_diffusion_attention  # noqa: E402
 from .diffusion import diffusion_series, heat_weights, series_coefficients  # noqa: E402
 from .graph import PackedBatch, batch_graphs, build_graph, to_networkx, to_scipy  # noqa: E402
+from .model import (  # noqa: E402
+    DiffuserConfig,
+    DiffuserEncoder,
+    DiffuserForMatching,
+    DiffuserForSequenceClassification,
+)
 from .patterns import PatternSpec, official_pattern, pattern_edges  # noqa: E402
 from .reach import Condition, ReachStats, khop_receptive_field, reach_stats, ua_conditions  # noqa: E402
 from .reference import (  # noqa: E402
@@ -37,6 +43,8 @@ __all__ = [
     "build_graph", "batch_graphs", "PackedBatch", "to_scipy", "to_networkx",
     "diffusion_attention", "edge_attention", "diffuse", "DiffuserAttention",
     "block_diffusion_attention", "diffusion_series", "heat_weights", "series_coefficients",
+    "DiffuserConfig", "DiffuserEncoder", "DiffuserForSequenceClassification",
+    "DiffuserForMatching",
     "dense_mask", "dense_attention_matrix", "diffusion_operator", "dense_diffusion_attention",
     "SpectralStats", "spectral_stats", "complete_graph_stats", "eigenvalues",
     "diffusion_eigenvalue_map", "diffused_spectrum",
