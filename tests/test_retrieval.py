@@ -36,7 +36,7 @@ def test_synthetic_pairs_are_related_exactly_when_topics_agree():
 def test_generator_is_deterministic_and_builds_a_matching_task():
     data = load_task(SMALL, seed=4)
     again, other = load_task(SMALL, seed=4), load_task(SMALL, seed=5)
-    assert data.matching and data.num_labels == 2
+    assert data.head == "matching" and data.num_labels == 2
     assert all(np.array_equal(a, b) for a, b in zip(data.train.pairs, again.train.pairs))
     assert not all(np.array_equal(a, b) for a, b in zip(data.train.pairs, other.train.pairs))
     lexicon = retrieval.topic_lexicon(SMALL, np.random.default_rng(0))
@@ -57,7 +57,7 @@ def test_lra_tsv_fixture_is_read(tmp_path):
             ("0", "P03-3003", "W04-4004", "graph methods", "é speech")]
     write_tsv(tmp_path / "aan", rows)
     data = load_task(RetrievalTask(path=str(tmp_path / "aan")), seed=0)
-    assert data.matching and data.train.labels.tolist() == [1, 0] and len(data.test) == 2
+    assert data.head == "matching" and data.train.labels.tolist() == [1, 0] and len(data.test) == 2
     assert retrieval.decode(data.val.sequences[0]) == "a paper on parsing"
     assert retrieval.decode(data.val.pairs[1]) == "é speech"
     assert data.train.pairs[0][0] == 1  # each document starts with <cls>

@@ -142,13 +142,14 @@ def test_sequences_longer_than_max_positions_are_rejected(tmp_path):
 
 
 SHIPPED = [name + size for name in ("listops", "text", "image", "pathfinder", "retrieval",
-                                      "multihop")
+                                      "lm", "multihop")
            for size in ("", "-small")]
 SMALL_DATA = {"listops": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
               "text": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
               "image": [],
               "pathfinder": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
               "retrieval": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
+              "lm": ["task.max_bytes=20000"],
               "multihop": ["task.train_size=64", "task.val_size=16", "task.test_size=16"]}
 
 

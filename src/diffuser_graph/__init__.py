@@ -16,6 +16,7 @@ from .graph import PackedBatch, batch_graphs, build_graph, to_networkx, to_scipy
 from .model import (  # noqa: E402
     DiffuserConfig,
     DiffuserEncoder,
+    DiffuserForCausalLM,
     DiffuserForMatching,
     DiffuserForSequenceClassification,
 )
@@ -44,7 +45,7 @@ __all__ = [
     "diffusion_attention", "edge_attention", "diffuse", "DiffuserAttention",
     "block_diffusion_attention", "diffusion_series", "heat_weights", "series_coefficients",
     "DiffuserConfig", "DiffuserEncoder", "DiffuserForSequenceClassification",
-    "DiffuserForMatching",
+    "DiffuserForMatching", "DiffuserForCausalLM",
     "dense_mask", "dense_attention_matrix", "diffusion_operator", "dense_diffusion_attention",
     "SpectralStats", "spectral_stats", "complete_graph_stats", "eigenvalues",
     "diffusion_eigenvalue_map", "diffused_spectrum",

@@ -108,13 +108,13 @@ def diffusion_attention(
 
 def full_attention(
     lengths, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_dropout: float = 0.0,
-    training: bool = False,
+    training: bool = False, causal: bool = False,
 ) -> torch.Tensor:
     """Dense softmax attention within each sequence (the Transformer baseline).
 
     ``q, k, v: (N, H, D)`` are the packed tokens of sequences of ``lengths``; each sequence is
-    padded, attended with ``scaled_dot_product_attention`` under a key-padding mask, and packed
-    back to ``(N, H, D)``.
+    padded, attended with ``scaled_dot_product_attention`` under a key-padding mask (and, with
+    ``causal``, only to keys at or before the query), and packed back to ``(N, H, D)``.
     """
     padding = Padding.from_lengths(lengths)
     if q.shape[0] != padding.flat_index.numel():
@@ -122,6 +122,9 @@ def full_attention(
                          f"{padding.flat_index.numel()}")
     check_dropout("attn_dropout", attn_dropout)
     key_mask = padding.mask.to(q.device)[:, None, None, :]  # (B, 1, 1, L)
+    if causal:
+        width = key_mask.shape[-1]
+        key_mask = key_mask & torch.ones(width, width, dtype=torch.bool, device=q.device).tril()
     heads = [padding.unpack(x).transpose(1, 2) for x in (q, k, v)]  # (B, H, L, D)
     out = F.scaled_dot_product_attention(*heads, attn_mask=key_mask,
                                          dropout_p=attn_dropout if training else 0.0)
@@ -134,7 +137,8 @@ class DiffuserAttention(nn.Module):
     ``attention`` picks the function with the same parameters: ``"diffuser"`` (multi-hop
     diffusion, :func:`diffusion_attention`), ``"sparse"`` (one hop on the same pattern:
     ``hops=1, alpha=0``) or ``"full"`` (dense softmax over each whole sequence of the batched
-    graph, :func:`full_attention`; the graph's edges are not used).
+    graph, :func:`full_attention`; the graph's edges are not used, and it is causal when
+    ``pattern.causal`` is).
 
     ``engine`` picks how graph attention is computed: ``"dgl"`` (message passing on ``g``, any
     pattern), ``"block"`` (blocked dense matmuls, :mod:`diffuser_graph.block_engine`; needs
@@ -208,8 +212,9 @@ class DiffuserAttention(nn.Module):
                 raise ValueError(f"x has N={x.shape[0]} rows but the graph has "
                                  f"{g.num_nodes()} nodes")
             out, attn = full_attention(g.batch_num_nodes().tolist(), q, k, v,
-                                       attn_dropout=self.attn_dropout,
-                                       training=self.training), None
+                                       attn_dropout=self.attn_dropout, training=self.training,
+                                       causal=self.pattern is not None and self.pattern.causal
+                                       ), None
         elif not return_attention and self._use_block(lengths := g.batch_num_nodes().tolist()):
             _check_qkv(g, q, k, v)
             out, attn = block_engine.block_diffusion_attention(

@@ -25,6 +25,8 @@ from .config import atomic_write_text
 from .graph import Padding, batch_graphs
 from .patterns import PatternSpec
 
+IGNORE_INDEX = -100  # label of positions that carry no loss (padding), as in F.cross_entropy
+
 
 class DiffuserConfig(BaseModel):
     """Architecture of a Diffuser model (validated; errors name the field)."""
@@ -278,3 +280,36 @@ class DiffuserForMatching(PretrainedMixin, nn.Module):
         u, v = self.embed(input_ids, attention_mask), self.embed(input_ids_2, attention_mask_2)
         logits = self.head(torch.cat([u, v, u * v, u - v], dim=-1))
         return logits if labels is None else (F.cross_entropy(logits, labels), logits)
+
+
+class DiffuserForCausalLM(PretrainedMixin, nn.Module):
+    """Encoder on a causal pattern + a next-token head tied to the token embeddings.
+
+    The pattern must be causal (``pattern.causal``: edges only from earlier to later tokens),
+    so diffusion over any number of hops stays causal: position t never sees t+1 onwards.
+    """
+
+    def __init__(self, config: DiffuserConfig) -> None:
+        super().__init__()
+        if not config.pattern.causal:
+            raise ValueError("a causal language model needs model.pattern.causal: true (without "
+                             "it every token attends to the tokens it must predict)")
+        self.config = config
+        self.encoder = DiffuserEncoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head.weight = self.encoder.tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None):
+        """Returns next-token logits ``(B, L, vocab)`` (zeros at padding), or ``(loss, logits)``
+        with ``labels: (B, L)`` (mean cross-entropy in nats over labels != -100)."""
+        encoded = self.encoder(input_ids, attention_mask)
+        logits = self.lm_head(encoded.hidden)  # (N, vocab)
+        padded = encoded.padding.unpack(logits)
+        if labels is None:
+            return padded
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must be (B, L) like input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(labels.shape)}")
+        loss = F.cross_entropy(logits, encoded.padding.pack(labels), ignore_index=IGNORE_INDEX)
+        return loss, padded

@@ -3,9 +3,12 @@
 ``train(config)`` runs one :class:`RunConfig` into ``config.out_dir``:
 
 - ``config.yaml`` (the fully resolved config), ``metrics.jsonl`` (one JSON record per log or
-  evaluation), ``curves.png``, ``last.pt`` and ``best.pt`` (by validation accuracy, written
-  atomically at every evaluation) and ``results.json`` (val/test accuracy of the best checkpoint
-  and the majority-class rate).
+  evaluation), ``curves.png``, ``last.pt`` and ``best.pt`` (by validation accuracy, or loss for
+  language models; written atomically at every evaluation) and ``results.json`` (val/test
+  metrics of the best checkpoint next to an input-blind baseline: the majority-class rate, or
+  unigram bits per character).
+- The task's ``head`` picks the model: sequence classification, two-tower matching or a causal
+  language model (scored per token, with bits per character).
 - Batches follow a fixed order derived from ``seed`` (a fresh permutation per epoch), and
   checkpoints hold the optimizer, scheduler and RNG states, so ``resume=True`` continues exactly
   where ``last.pt`` stopped: the weights after resuming equal those of an uninterrupted run.
@@ -31,8 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from .config import ConfigError, atomic_write_text, dump_config
-from .model import DiffuserConfig, DiffuserForMatching, DiffuserForSequenceClassification
+from .model import (IGNORE_INDEX, DiffuserConfig, DiffuserForCausalLM, DiffuserForMatching,
+                    DiffuserForSequenceClassification)
 from .tasks import Split, TaskConfig, TaskData, collate, load_task
+
+MODELS = {"classification": DiffuserForSequenceClassification, "matching": DiffuserForMatching,
+          "lm": DiffuserForCausalLM}
 
 
 class TrainSettings(BaseModel):
@@ -84,8 +91,10 @@ def _barrier(world: int) -> None:
 # --- pieces -----------------------------------------------------------------------------------
 
 def build_model(config: DiffuserConfig, data: TaskData) -> torch.nn.Module:
-    cls = DiffuserForMatching if data.matching else DiffuserForSequenceClassification
-    return cls(config)
+    try:
+        return MODELS[data.head](config)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def lr_lambda(settings: TrainSettings):
@@ -127,19 +136,40 @@ class BatchOrder:
         return self._order[position * self.batch_size:(position + 1) * self.batch_size]
 
 
+def scored(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(correct predictions, predictions scored): one per example, or one per real token."""
+    counted = labels != IGNORE_INDEX
+    return int(((logits.argmax(-1) == labels) & counted).sum()), int(counted.sum())
+
+
+def summary(total_loss: float, correct: int, count: int, head: str) -> dict:
+    """Mean loss and accuracy per scored prediction; bits per character for language models."""
+    metrics = {"loss": total_loss / count, "accuracy": correct / count}
+    if head == "lm":
+        metrics["bits_per_char"] = metrics["loss"] / math.log(2)
+    return metrics
+
+
+def score(metrics: dict, head: str) -> float:
+    """Higher is better: validation accuracy, or minus the loss for language models."""
+    return -metrics["loss"] if head == "lm" else metrics["accuracy"]
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, split: Split, batch_size: int) -> dict:
-    """Mean cross-entropy and accuracy of ``model`` on ``split`` (eval mode, in order)."""
+def evaluate(model: torch.nn.Module, split: Split, batch_size: int,
+             head: str = "classification") -> dict:
+    """Mean cross-entropy and accuracy of ``model`` on ``split`` (eval mode, in order), per
+    example or, for language models, per predicted token (with bits per character)."""
     was_training = model.training
     model.eval()
-    total_loss, correct = 0.0, 0
+    total_loss, correct, count = 0.0, 0, 0
     for start in range(0, len(split), batch_size):
         batch = collate(split, range(start, min(start + batch_size, len(split))))
         loss, logits = model(**batch)
-        total_loss += float(loss) * len(batch["labels"])
-        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        right, seen = scored(logits, batch["labels"])
+        total_loss, correct, count = total_loss + float(loss) * seen, correct + right, count + seen
     model.train(was_training)
-    return {"loss": total_loss / len(split), "accuracy": correct / len(split), "n": len(split)}
+    return {**summary(total_loss, correct, count, head), "n": len(split)}
 
 
 def save_checkpoint(path: Path, **state) -> None:
@@ -254,7 +284,7 @@ def train(config: RunConfig, *, resume: bool = False, stop_after: Optional[int] 
     model = build_model(model_config, data)
     optimizer = make_optimizer(model, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
-    start_step, best_accuracy = 0, -1.0
+    start_step, best_score = 0, -math.inf
     if resume:
         state = load_checkpoint(last_path)
         saved = RunConfig.model_validate(json.loads(state["run_config"]))
@@ -266,7 +296,8 @@ def train(config: RunConfig, *, resume: bool = False, stop_after: Optional[int] 
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        start_step, best_accuracy = int(state["step"]), float(state["best_accuracy"])
+        start_step = int(state["step"])
+        best_score = float(state.get("best_score", state.get("best_accuracy")))  # older runs
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(config.model_copy(
@@ -281,7 +312,7 @@ def train(config: RunConfig, *, resume: bool = False, stop_after: Optional[int] 
     def checkpoint(step: int, path: Path) -> None:
         save_checkpoint(path, model=model.state_dict(), optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), rng=torch.get_rng_state(), step=step,
-                        best_accuracy=best_accuracy, model_config=model_config.model_dump_json(),
+                        best_score=best_score, model_config=model_config.model_dump_json(),
                         run_config=config.model_dump_json())
 
     end = min(settings.max_steps, stop_after) if stop_after else settings.max_steps
@@ -296,9 +327,9 @@ def train(config: RunConfig, *, resume: bool = False, stop_after: Optional[int] 
             with nullcontext() if sync else net.no_sync():
                 loss, logits = net(**batch)
                 (loss / settings.grad_accum).backward()
-            window_loss += float(loss) * len(indices[rank::world])
-            window_correct += int((logits.argmax(-1) == batch["labels"]).sum())
-            window_seen += len(indices[rank::world])
+            right, seen = scored(logits, batch["labels"])
+            window_loss += float(loss) * seen
+            window_correct, window_seen = window_correct + right, window_seen + seen
         if settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
@@ -306,18 +337,18 @@ def train(config: RunConfig, *, resume: bool = False, stop_after: Optional[int] 
         optimizer.zero_grad(set_to_none=True)
 
         if rank == 0 and (step % settings.log_every == 0 or step == end):
-            record = {"step": step, "split": "train", "loss": window_loss / window_seen,
-                      "accuracy": window_correct / window_seen,
+            record = {"step": step, "split": "train",
+                      **summary(window_loss, window_correct, window_seen, data.head),
                       "lr": scheduler.get_last_lr()[0]}
             _append_metrics(metrics_path, record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
             window_loss, window_correct, window_seen = 0.0, 0, 0
         if step % settings.eval_every == 0 or step == end:
             if rank == 0:
-                val = evaluate(model, data.val, settings.eval_batch_size)
+                val = evaluate(model, data.val, settings.eval_batch_size, data.head)
                 _append_metrics(metrics_path, {"step": step, "split": "val", **val})
-                if val["accuracy"] > best_accuracy:
-                    best_accuracy = val["accuracy"]
+                if score(val, data.head) > best_score:
+                    best_score = score(val, data.head)
                     checkpoint(step, best_path)
                 checkpoint(step, last_path)
                 save_figure(plot_curves(read_metrics(metrics_path)), out / "curves.png")
@@ -335,22 +366,33 @@ def finish(config: RunConfig, data: TaskData, rank: int = 0, world: int = 1) -> 
         out = Path(config.out_dir)
         state = load_checkpoint(out / "best.pt")
         model = model_from_checkpoint(state, data)
-        results = {"best_step": int(state["step"])}
-        for split in ("val", "test"):
-            metrics = evaluate(model, getattr(data, split), config.train.eval_batch_size)
-            results[split] = {**metrics, "majority_rate": data.majority_rate(split)}
+        results = {"best_step": int(state["step"]), **split_results(model, data, config)}
         atomic_write_text(out / "results.json", json.dumps(results, indent=1))
         print(results_table(results))
     _barrier(world)
     return results
 
 
+def split_results(model: torch.nn.Module, data: TaskData, config: RunConfig) -> dict:
+    """Val and test metrics of ``model`` next to the input-blind baseline, and the data source."""
+    results = {split: {**evaluate(model, getattr(data, split), config.train.eval_batch_size,
+                                  data.head), **data.baseline(split)}
+               for split in ("val", "test")}
+    return {**results, "data": data.source} if data.source else results
+
+
 def results_table(results: dict) -> str:
+    lm = "bits_per_char" in results["test"]
+    columns = (("bits_per_char", "bits per char"), ("unigram_bits_per_char", "unigram bits per "
+                                                    "char"), ("accuracy", "next-byte accuracy")
+               ) if lm else (("accuracy", "accuracy"), ("majority_rate", "majority-class rate"))
     lines = [f"best checkpoint: step {results['best_step']}",
-             "| split | examples | accuracy | majority-class rate |", "|---|---|---|---|"]
+             "| split | examples | " + " | ".join(name for _, name in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
     for split in ("val", "test"):
         r = results[split]
-        lines.append(f"| {split} | {r['n']} | {r['accuracy']:.4f} | {r['majority_rate']:.4f} |")
+        lines.append(f"| {split} | {r['n']} | " + " | ".join(f"{r[key]:.4f}" for key, _ in columns)
+                     + " |")
     return "\n".join(lines)
 
 
@@ -360,10 +402,8 @@ def evaluate_checkpoint(config: RunConfig, checkpoint: str | Path,
     state = load_checkpoint(checkpoint)
     data = load_task(config.task, config.seed)
     model = model_from_checkpoint(state, data)
-    results = {"checkpoint": str(checkpoint), "step": int(state["step"])}
-    for split in ("val", "test"):
-        results[split] = {**evaluate(model, getattr(data, split), config.train.eval_batch_size),
-                          "majority_rate": data.majority_rate(split)}
+    results = {"checkpoint": str(checkpoint), "step": int(state["step"]),
+               **split_results(model, data, config)}
     target = Path(out) if out else Path(checkpoint).with_name("eval.json")
     atomic_write_text(target, json.dumps(results, indent=1))
     return results

@@ -8,22 +8,23 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
-from . import image, listops, multihop, pathfinder, retrieval, text
+from . import image, listops, lm, multihop, pathfinder, retrieval, text
 from .base import CLS_ID, PAD_ID, DataError, Split, TaskData, collate, pad
 from .image import ImageTask
 from .listops import ListOpsTask
+from .lm import LMTask
 from .multihop import MultiHopTask
 from .pathfinder import PathfinderTask
 from .retrieval import RetrievalTask
 from .text import TextTask
 
 TaskConfig = Annotated[Union[ListOpsTask, TextTask, ImageTask, PathfinderTask,
-                             RetrievalTask, MultiHopTask],
+                             RetrievalTask, LMTask, MultiHopTask],
                        Field(discriminator="name")]
 
 _LOADERS = {"listops": listops.load, "text": text.load, "image": image.load,
             "pathfinder": pathfinder.load, "retrieval": retrieval.load,
-            "multihop": multihop.load}
+            "lm": lm.load, "multihop": multihop.load}
 
 
 def load_task(task: TaskConfig, seed: int) -> TaskData:
@@ -32,5 +33,5 @@ def load_task(task: TaskConfig, seed: int) -> TaskData:
 
 
 __all__ = ["TaskConfig", "ListOpsTask", "TextTask", "ImageTask", "MultiHopTask",
-           "PathfinderTask", "RetrievalTask", "TaskData", "Split", "DataError", "collate",
+           "PathfinderTask", "RetrievalTask", "LMTask", "TaskData", "Split", "DataError", "collate",
            "pad", "load_task", "PAD_ID", "CLS_ID"]

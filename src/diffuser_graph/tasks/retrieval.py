@@ -170,4 +170,5 @@ def load(task: RetrievalTask, seed: int) -> TaskData:
         lexicon = topic_lexicon(task, rng)
         splits = {name: generate(task, lexicon, getattr(task, f"{name}_size"), rng)
                   for name in LRA_FILES}
-    return TaskData(**splits, vocab_size=VOCAB_SIZE, num_labels=2, matching=True, decode=decode)
+    return TaskData(**splits, vocab_size=VOCAB_SIZE, num_labels=2, head="matching",
+                    decode=decode)

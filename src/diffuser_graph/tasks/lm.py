@@ -1,0 +1,140 @@
+"""Character-level (byte-level) language modelling, scored in bits per character.
+
+The text is cut into consecutive chunks of ``seq_len + 1`` bytes; each chunk gives an example
+whose input is its first ``seq_len`` bytes and whose targets are the same bytes shifted by one.
+Chunks do not overlap, so every byte of a split is predicted exactly once (early bytes of a chunk
+see little context). Bits per character = mean cross-entropy in nats / ln 2 (one character per
+byte for ASCII text).
+
+Sources:
+
+- ``path``: a UTF-8 text file (split by position into train / val / test by ``val_fraction``
+  and ``test_fraction``) or a folder with ``train.txt``, ``valid.txt`` (or ``val.txt``) and
+  ``test.txt`` (enwik8/text8-style splits).
+- no ``path``: text every Python installation holds, collected deterministically in sorted
+  order: ``corpus: python-docs`` (the default; the language and library reference topics of
+  ``pydoc_data.topics``, ~460 KB of English) or ``python-source`` (the source files of the
+  standard-library modules in :data:`SOURCE_MODULES`). ``TaskData.source`` records the Python
+  version, the size and a SHA-256 of the text, so a result names exactly what it was trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import platform
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .base import DataError, Split, TaskData
+from .text import BYTE_OFFSET, VOCAB_SIZE, decode
+
+SOURCE_MODULES = ("argparse", "bisect", "calendar", "colorsys", "configparser", "contextlib",
+                  "copy", "csv", "dataclasses", "difflib", "fnmatch", "fractions", "functools",
+                  "getopt", "glob", "heapq", "ipaddress", "json.decoder", "json.encoder",
+                  "keyword", "numbers", "operator", "pprint", "queue", "random", "sched",
+                  "shlex", "statistics", "string", "textwrap", "tokenize", "uuid")
+FOLDER_FILES = {"train": ("train.txt",), "val": ("valid.txt", "val.txt"), "test": ("test.txt",)}
+
+
+class LMTask(BaseModel):
+    """Config of byte-level language modelling (``task: {name: lm, ...}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["lm"] = "lm"
+    path: Optional[str] = None  # a text file, or a folder of train/valid/test .txt files
+    corpus: Literal["python-docs", "python-source"] = "python-docs"  # used without a path
+    seq_len: int = Field(default=512, ge=2)  # bytes per example (inputs; targets are shifted)
+    max_bytes: Optional[int] = Field(default=None, ge=1)  # use only the first max_bytes of text
+    val_fraction: float = Field(default=0.05, gt=0, lt=1)  # for a single file or corpus
+    test_fraction: float = Field(default=0.05, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> "LMTask":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be < 1")
+        return self
+
+
+def read_text(path: Path) -> bytes:
+    """A UTF-8 text file's bytes; the error names the line of the first invalid byte."""
+    if not path.is_file():
+        raise DataError(path, None, "file does not exist")
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(path, line, f"not UTF-8 text (byte {err.start}: {err.reason})") from None
+    if not data:
+        raise DataError(path, None, "file is empty")
+    return data
+
+
+def python_corpus(corpus: str) -> tuple[bytes, str]:
+    """The embedded default text and a description of it (Python version, bytes, SHA-256)."""
+    if corpus == "python-docs":
+        from pydoc_data.topics import topics
+
+        text = "".join(topics[name] for name in sorted(topics)).encode("utf-8")
+        what = "pydoc_data.topics"
+    else:
+        parts = []
+        for module in SOURCE_MODULES:
+            spec = importlib.util.find_spec(module)
+            if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+                raise DataError(module, None, "standard-library module source not found; "
+                                              "use task.path to give a text file instead")
+            parts.append(Path(spec.origin).read_bytes())
+        text = b"\n".join(parts)
+        what = f"source of {len(SOURCE_MODULES)} standard-library modules"
+    digest = hashlib.sha256(text).hexdigest()[:16]
+    return text, f"{what} of Python {platform.python_version()}: {len(text)} bytes, sha256 {digest}"
+
+
+def chunk(data: bytes, seq_len: int, where: str) -> Split:
+    """Non-overlapping examples of ``seq_len`` input bytes and their next-byte targets."""
+    ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64) + BYTE_OFFSET
+    count = (len(ids) - 1) // seq_len
+    if count < 1:
+        raise DataError(where, None, f"{len(ids)} bytes cannot make one example of seq_len "
+                                     f"{seq_len} (needs {seq_len + 1})")
+    starts = np.arange(count) * seq_len
+    return Split([ids[s:s + seq_len] for s in starts],
+                 targets=[ids[s + 1:s + seq_len + 1] for s in starts])
+
+
+def _find(folder: Path, split: str) -> Path:
+    for name in FOLDER_FILES[split]:
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(folder, None, f"no {split} file found (looked for "
+                                  f"{', '.join(FOLDER_FILES[split])})")
+
+
+def load(task: LMTask, seed: int) -> TaskData:  # the text fixes the data: seed is not used
+    if task.path is not None and Path(task.path).is_dir():
+        folder = Path(task.path)
+        files = {name: _find(folder, name) for name in FOLDER_FILES}
+        parts = {name: read_text(path)[:task.max_bytes] for name, path in files.items()}
+        where = {name: str(path) for name, path in files.items()}
+        source = f"{folder}: " + ", ".join(f"{p.name} {len(parts[n])} bytes"
+                                           for n, p in files.items())
+    else:
+        if task.path is not None:
+            text, source = read_text(Path(task.path)), task.path
+        else:
+            text, source = python_corpus(task.corpus)
+        text = text[:task.max_bytes]
+        n_val, n_test = (int(len(text) * f) for f in (task.val_fraction, task.test_fraction))
+        n_train = len(text) - n_val - n_test
+        parts = {"train": text[:n_train], "val": text[n_train:n_train + n_val],
+                 "test": text[n_train + n_val:]}
+        where = {name: f"{source} ({name} part)" for name in parts}
+        source = f"{source}; train/val/test {n_train}/{n_val}/{n_test} bytes"
+    splits = {name: chunk(data, task.seq_len, where[name]) for name, data in parts.items()}
+    return TaskData(**splits, vocab_size=VOCAB_SIZE, num_labels=VOCAB_SIZE, head="lm",
+                    decode=decode, source=source)
