@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from diffuser_graph import DiffuserConfig, DiffuserEncoder, DiffuserForCausalLM, PatternSpec
+from diffuser_graph.cli import main
 from diffuser_graph.config import ConfigError
 from diffuser_graph.tasks import DataError, LMTask, collate, lm, load_task
 from diffuser_graph.tasks.text import BYTE_OFFSET
@@ -153,7 +154,7 @@ def test_embedded_corpora_are_deterministic_text(corpus):
     assert "train/val/test 45000/2500/2500 bytes" in data.source
 
 
-def test_training_reports_bits_per_char(tmp_path):
+def test_training_reports_bits_per_char(tmp_path, capsys):
     from diffuser_graph.config import load_config
 
     config = load_config("configs/lm-small.yaml", RunConfig, [
@@ -167,7 +168,34 @@ def test_training_reports_bits_per_char(tmp_path):
     assert all("bits_per_char" in r for r in records)
     saved = json.loads((tmp_path / "lm" / "results.json").read_text())
     assert saved["test"]["bits_per_char"] == test["bits_per_char"]
+    capsys.readouterr()
+    best = str(tmp_path / "lm" / "best.pt")
+    assert main(["sample", "--checkpoint", best, "--prompt", "The ", "--tokens", "20"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("The ") and len(text.encode("utf-8", "replace")) >= 4 + 1
+    assert main(["sample", "--checkpoint", best, "--prompt", ""]) == 2
+    assert "--prompt must not be empty" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(tmp_path / "none.pt"), "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
     non_causal = load_config("configs/lm-small.yaml", RunConfig, [
         "model.pattern.causal=false", f"out_dir={tmp_path / 'bad'}", "task.max_bytes=12000"])
     with pytest.raises(ConfigError, match="causal: true"):
         train(non_causal, progress=False)
+
+
+def test_generate_extends_greedily_or_by_sampling():
+    torch.manual_seed(0)
+    net = DiffuserForCausalLM(lm_config())
+    prompt = torch.randint(2, 20, (2, 5))
+    greedy = net.generate(prompt, 6, temperature=0)
+    assert greedy.shape == (2, 11) and torch.equal(greedy[:, :5], prompt)
+    logits = net.eval()(greedy[:, :-1])
+    assert torch.equal(logits.argmax(-1)[:, 4:], greedy[:, 5:])  # each step is the argmax
+    draws = [net.generate(prompt, 6, temperature=1.0, top_k=3,
+                          generator=torch.Generator().manual_seed(1)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    top3 = net(draws[0][:, :-1]).topk(3, dim=-1).indices  # samples are among the 3 likeliest
+    assert all(int(draws[0][b, t + 1]) in top3[b, t].tolist()
+               for b in range(2) for t in range(4, 10))
+    with pytest.raises(ValueError, match="exceed max_positions"):
+        net.generate(prompt, 100)

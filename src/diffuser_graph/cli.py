@@ -1,4 +1,4 @@
-"""Command line: ``diffuser-graph train | eval | examples | spectral | pattern``."""
+"""Command line: ``diffuser-graph train | eval | examples | sample | spectral | pattern``."""
 
 from __future__ import annotations
 
@@ -35,6 +35,11 @@ EXAMPLES_EXAMPLES = """examples:
   diffuser-graph examples configs/pathfinder-small.yaml --out pathfinder.png
   diffuser-graph examples configs/image-small.yaml --split test --count 32 --out digits.png
   diffuser-graph examples configs/text-small.yaml --count 3
+"""
+
+SAMPLE_EXAMPLES = """examples:
+  diffuser-graph sample --checkpoint runs/lm-small/best.pt --prompt "The " --tokens 300
+  diffuser-graph sample --checkpoint runs/lm-small/best.pt --prompt "def " --temperature 0
 """
 
 PATTERN_EXAMPLES = """examples:
@@ -143,6 +148,37 @@ def _examples(args: argparse.Namespace) -> int:
         if split.pairs is not None:
             print(f"--- paired with ({len(split.pairs[i])} tokens)")
             print(show(split.pairs[i])[:args.chars])
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model import DiffuserConfig, DiffuserForCausalLM
+    from .tasks.text import BYTE_OFFSET, decode
+    from .train import CheckpointError, load_checkpoint
+
+    if args.tokens < 1 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
+        raise ConfigError("--tokens and --top-k must be at least 1, --temperature at least 0")
+    try:
+        state = load_checkpoint(args.checkpoint)
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+    config = DiffuserConfig.model_validate_json(state["model_config"])
+    if "lm_head.weight" not in state["model"]:
+        raise ConfigError(f"{args.checkpoint} is not a language model (train an lm task)")
+    model = DiffuserForCausalLM(config)
+    model.load_state_dict(state["model"])
+    prompt = torch.tensor([[b + BYTE_OFFSET for b in args.prompt.encode("utf-8")]])
+    if prompt.shape[1] == 0:
+        raise ConfigError("--prompt must not be empty")
+    room = config.max_positions - prompt.shape[1]
+    if room < 1:
+        raise ConfigError(f"the prompt has {prompt.shape[1]} bytes; the model takes at most "
+                          f"{config.max_positions}")
+    ids = model.generate(prompt, min(args.tokens, room), temperature=args.temperature,
+                         top_k=args.top_k, generator=torch.Generator().manual_seed(args.seed))
+    print(decode(ids[0]))
     return 0
 
 
@@ -256,6 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     examples.add_argument("--out", default=None, help="PNG to write (image tasks)")
     examples.add_argument("--chars", type=int, default=400,
                           help="characters of each text example to print (default 400)")
+
+    sample = commands.add_parser(
+        "sample", help="continue a prompt with a trained language model",
+        description="Sample bytes from a language-model checkpoint (an lm task's best.pt or "
+                    "last.pt) after a prompt; stops at the model's max_positions.",
+        epilog=SAMPLE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sample.add_argument("--checkpoint", required=True, help="best.pt or last.pt of an lm run")
+    sample.add_argument("--prompt", required=True, help="text to continue")
+    sample.add_argument("--tokens", type=int, default=200, help="bytes to add (default 200)")
+    sample.add_argument("--temperature", type=float, default=0.8,
+                        help="softmax temperature; 0 is greedy (default 0.8)")
+    sample.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
+    sample.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    sample.set_defaults(handler=_sample)
 
     pattern = commands.add_parser(
         "pattern", help="statistics (and a picture) of one pattern at one length",

@@ -313,3 +313,35 @@ class DiffuserForCausalLM(PretrainedMixin, nn.Module):
                              f"got {tuple(labels.shape)}")
         loss = F.cross_entropy(logits, encoded.padding.pack(labels), ignore_index=IGNORE_INDEX)
         return loss, padded
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Extend ``input_ids: (B, L)`` by ``max_new_tokens`` sampled tokens -> ``(B, L + new)``.
+
+        ``temperature=0`` is greedy decoding; ``top_k`` samples among the k likeliest tokens.
+        Each step runs the whole sequence again (no key/value cache).
+        """
+        if temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"temperature must be >= 0 and top_k >= 1, got {temperature}, "
+                             f"{top_k}")
+        if input_ids.shape[1] + max_new_tokens > self.config.max_positions:
+            raise ValueError(f"{input_ids.shape[1]} + {max_new_tokens} tokens exceed "
+                             f"max_positions ({self.config.max_positions})")
+        was_training = self.training
+        self.eval()
+        ids = input_ids
+        for _ in range(max_new_tokens):
+            logits = self(ids)[:, -1]
+            if temperature == 0:
+                choice = logits.argmax(-1, keepdim=True)
+            else:
+                if top_k is not None:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits / temperature, dim=-1)
+                choice = torch.multinomial(probs, 1, generator=generator)
+            ids = torch.cat([ids, choice], dim=1)
+        self.train(was_training)
+        return ids
