@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pydantic
@@ -245,3 +246,18 @@ def test_multihop_config_errors():
         MultiHopTask(num_symbols=5, chain=3, distractors=4)
     with pytest.raises(pydantic.ValidationError, match="seq_len"):
         MultiHopTask(seq_len=20, chain=3, distractors=5)
+
+
+def test_small_probe_is_out_of_one_hop_reach_but_within_diffusion_reach():
+    """configs/multihop-small.yaml reads the answer at token 0: two one-hop layers reach few
+    positions from there, two layers of K-hop diffusion reach all of them."""
+    from diffuser_graph import build_graph, khop_receptive_field
+    from diffuser_graph.config import load_config
+    from diffuser_graph.train import RunConfig
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "multihop-small.yaml", RunConfig)
+    model, n = config.model, config.task.seq_len
+    g = build_graph(n, model.pattern)
+    hops_to_cls = khop_receptive_field(g, 0, n)
+    assert np.mean(hops_to_cls <= model.num_layers) < 0.2
+    assert np.all(hops_to_cls <= model.num_layers * model.hops)
