@@ -107,7 +107,8 @@ def test_examples_command_draws_images_and_prints_text(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["configs/pathfinder-small.yaml", "task.train_size=2"], "holds images: pass --out PNG"),
+    (["configs/pathfinder-small.yaml", "task.train_size=2", "task.val_size=1", "task.test_size=1"],
+     "holds images: pass --out PNG"),
     (["configs/text-small.yaml", "--count", "0"], "--count must be at least 1"),
 ])
 def test_examples_command_errors(args, message, capsys):
