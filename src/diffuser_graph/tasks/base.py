@@ -29,6 +29,14 @@ class DataError(ValueError):
         super().__init__(f"{where}: {problem}")
 
 
+def find_split_file(folder: Path, split: str, names: Sequence[str]) -> Path:
+    """The first of ``names`` that exists in ``folder``; the error lists every name tried."""
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(folder, None, f"no {split} file found (looked for {', '.join(names)})")
+
+
 @dataclass
 class Split:
     """One split: ``sequences[i]`` (int64 token ids, no padding) has label ``labels[i]``.

@@ -29,7 +29,7 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .base import DataError, Split, TaskData
+from .base import DataError, Split, TaskData, find_split_file
 from .text import BYTE_OFFSET, VOCAB_SIZE, decode
 
 SOURCE_MODULES = ("argparse", "bisect", "calendar", "colorsys", "configparser", "contextlib",
@@ -107,18 +107,11 @@ def chunk(data: bytes, seq_len: int, where: str) -> Split:
                  targets=[ids[s + 1:s + seq_len + 1] for s in starts])
 
 
-def _find(folder: Path, split: str) -> Path:
-    for name in FOLDER_FILES[split]:
-        if (folder / name).is_file():
-            return folder / name
-    raise DataError(folder, None, f"no {split} file found (looked for "
-                                  f"{', '.join(FOLDER_FILES[split])})")
-
-
 def load(task: LMTask, seed: int) -> TaskData:  # the text fixes the data: seed is not used
     if task.path is not None and Path(task.path).is_dir():
         folder = Path(task.path)
-        files = {name: _find(folder, name) for name in FOLDER_FILES}
+        files = {name: find_split_file(folder, name, names)
+                 for name, names in FOLDER_FILES.items()}
         parts = {name: read_text(path)[:task.max_bytes] for name, path in files.items()}
         where = {name: str(path) for name, path in files.items()}
         source = f"{folder}: " + ", ".join(f"{p.name} {len(parts[n])} bytes"

@@ -25,7 +25,7 @@ from typing import Literal, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .base import DataError, Split, TaskData
+from .base import DataError, Split, TaskData, find_split_file
 from .text import VOCAB_SIZE, decode, encode
 
 LRA_FILES = {"train": ("new_aan_pairs.train.tsv", "train.tsv"),
@@ -101,14 +101,6 @@ def read_pairs(path: Path, max_length: int) -> Split:
     return Split(firsts, np.array(labels), pairs=seconds)
 
 
-def find_file(folder: Path, split: str) -> Path:
-    for name in LRA_FILES[split]:
-        if (folder / name).is_file():
-            return folder / name
-    raise DataError(folder, None, f"no {split} file found (looked for "
-                                  f"{', '.join(LRA_FILES[split])})")
-
-
 # --- synthetic pairs ------------------------------------------------------------------------
 
 def topic_lexicon(task: RetrievalTask, rng: np.random.Generator) -> list[list[str]]:
@@ -163,8 +155,8 @@ def generate(task: RetrievalTask, lexicon: list[list[str]], size: int,
 def load(task: RetrievalTask, seed: int) -> TaskData:
     if task.path is not None:
         folder = Path(task.path)
-        splits = {name: read_pairs(find_file(folder, name), task.max_length)
-                  for name in LRA_FILES}
+        splits = {name: read_pairs(find_split_file(folder, name, files), task.max_length)
+                  for name, files in LRA_FILES.items()}
     else:
         rng = np.random.default_rng([seed, 0xAA2])
         lexicon = topic_lexicon(task, rng)

@@ -18,7 +18,7 @@ from typing import List, Literal, Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import CLS_ID, DataError, Split, TaskData
+from .base import CLS_ID, DataError, Split, TaskData, find_split_file
 
 BYTE_OFFSET = 2  # ids 0 and 1 are <pad> and <cls>
 VOCAB_SIZE = 256 + BYTE_OFFSET
@@ -113,15 +113,6 @@ def read_file(path: Path, max_length: int) -> Split:
     return Split(sequences, np.array(labels))
 
 
-def find_split_file(folder: Path, split: str) -> Path:
-    for stem in SPLIT_NAMES[split]:
-        for ext in EXTENSIONS:
-            if (folder / f"{stem}{ext}").is_file():
-                return folder / f"{stem}{ext}"
-    names = ", ".join(f"{s}{e}" for s in SPLIT_NAMES[split] for e in EXTENSIONS)
-    raise DataError(folder, None, f"no {split} file found (looked for {names})")
-
-
 def synthetic_document(rng: np.random.Generator, words: int, cues: int) -> tuple[str, int]:
     """Filler words with ``cues`` sentiment words at random places; label 1 if most are positive."""
     tokens = list(rng.choice(FILLER, size=words))
@@ -145,8 +136,10 @@ def generate(task: TextTask, size: int, rng: np.random.Generator) -> Split:
 def load(task: TextTask, seed: int) -> TaskData:
     if task.path is not None:
         folder = Path(task.path)
-        splits = {name: read_file(find_split_file(folder, name), task.max_length)
-                  for name in SPLIT_NAMES}
+        files = {name: find_split_file(folder, name, [f"{stem}{ext}" for stem in stems
+                                                      for ext in EXTENSIONS])
+                 for name, stems in SPLIT_NAMES.items()}
+        splits = {name: read_file(path, task.max_length) for name, path in files.items()}
     else:
         rng = np.random.default_rng([seed, 0x7E47])
         splits = {name: generate(task, getattr(task, f"{name}_size"), rng) for name in SPLIT_NAMES}
