@@ -199,3 +199,22 @@ def test_generate_extends_greedily_or_by_sampling():
                for b in range(2) for t in range(4, 10))
     with pytest.raises(ValueError, match="exceed max_positions"):
         net.generate(prompt, 100)
+
+
+def test_sample_and_generate_reject_bad_arguments(tmp_path, capsys):
+    from diffuser_graph import DiffuserForSequenceClassification
+    from diffuser_graph.train import save_checkpoint
+
+    classifier = DiffuserForSequenceClassification(lm_config(pattern=PatternSpec(window=2)))
+    path = tmp_path / "classifier.pt"
+    save_checkpoint(path, model=classifier.state_dict(), step=0,
+                    model_config=classifier.config.model_dump_json())
+    assert main(["sample", "--checkpoint", str(path), "--prompt", "x"]) == 2
+    assert "is not a language model" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(path), "--prompt", "x", "--tokens", "0"]) == 2
+    assert "--tokens and --top-k must be at least 1" in capsys.readouterr().err
+    net = DiffuserForCausalLM(lm_config())
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        net.generate(torch.randint(2, 20, (1, 3)), 2, temperature=-1)
+    with pytest.raises(ValueError, match="top_k >= 1"):
+        net.generate(torch.randint(2, 20, (1, 3)), 2, top_k=0)
