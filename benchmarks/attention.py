@@ -28,33 +28,19 @@ os.environ.setdefault("DGLBACKEND", "pytorch")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from diffuser_graph import (PatternSpec, block_diffusion_attention, build_graph,  # noqa: E402
-                            diffusion_attention)
-from diffuser_graph.block_engine import block_layout, supports  # noqa: E402
+from diffuser_graph import Diffusion, PackedBatch, PatternSpec, build_graph, diffusion_attention  # noqa: E402
+from diffuser_graph.engines.block import supports  # noqa: E402
 
 PATTERNS = {
     "window32+2g+3r": PatternSpec(window=32, num_global=2, num_random=3),
     "official": PatternSpec(kind="official"),
 }
-IMPLEMENTATIONS = ("dense_sdpa", "dense_masked", "sparse_one_hop", "dgl", "gather_scatter", "block")
+IMPLEMENTATIONS = ("dense_sdpa", "dense_masked", "sparse_one_hop", "dgl", "gather", "block")
+ENGINES = ("dgl", "gather", "block")  # diffuser_graph engines, timed through diffusion_attention
 DENSE_MASKED_MAX = 8192  # its (H, N, N) matrices and their gradients outgrow 24 GiB beyond this
 
 
 # --- implementations: each maps (case) -> a function of (q, k, v) ------------------------------
-
-def gather_scatter_attention(src, dst, q, k, v, alpha, hops):
-    """Diffused attention in plain torch, as a user would write it: gathers and index_add."""
-    n, heads, dim = q.shape
-    scores = (q[dst] * k[src]).sum(-1) / math.sqrt(dim)  # (E, H)
-    index = dst[:, None].expand(-1, heads)
-    top = scores.new_full((n, heads), -math.inf).scatter_reduce(0, index, scores, "amax")
-    weights = torch.exp(scores - top[dst])
-    attn = weights / scores.new_zeros(n, heads).index_add(0, dst, weights)[dst]
-    z = v
-    for _ in range(hops):
-        z = (1 - alpha) * torch.zeros_like(v).index_add(0, dst, attn[..., None] * z[src]) + alpha * v
-    return z
-
 
 def dense_masked_attention(mask, q, k, v, alpha, hops):
     """Masked dense softmax over the same pattern, then dense diffusion: the naive way."""
@@ -72,20 +58,17 @@ def make_function(case: dict):
     if impl == "dense_sdpa":
         return lambda q, k, v: F.scaled_dot_product_attention(
             q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)).transpose(0, 1), 0
-    g = build_graph(case["n"], PATTERNS[case["pattern"]])
+    spec = PATTERNS[case["pattern"]]
+    g = build_graph(case["n"], spec)
     edges = g.num_edges()
-    if impl == "dgl":
-        return lambda q, k, v: diffusion_attention(g, q, k, v, alpha=alpha, hops=hops), edges
-    if impl == "block":
-        spec, n = PATTERNS[case["pattern"]], case["n"]
-        block_layout(n, spec)  # built once, like the cached graph
-        return lambda q, k, v: block_diffusion_attention([n], spec, q, k, v, alpha=alpha,
-                                                         hops=hops), edges
-    if impl == "sparse_one_hop":
-        return lambda q, k, v: diffusion_attention(g, q, k, v, alpha=0.0, hops=1), edges
+    if impl in ENGINES or impl == "sparse_one_hop":
+        engine = "dgl" if impl == "sparse_one_hop" else impl
+        diffusion = Diffusion.one_hop() if impl == "sparse_one_hop" else Diffusion(
+            alpha=alpha, hops=hops)
+        batch = PackedBatch.from_lengths([case["n"]], spec, engine=engine)
+        batch.plan  # noqa: B018 -- planned once, as a model does per batch
+        return lambda q, k, v: diffusion_attention(batch, q, k, v, diffusion), edges
     src, dst = g.edges()
-    if impl == "gather_scatter":
-        return lambda q, k, v: gather_scatter_attention(src, dst, q, k, v, alpha, hops), edges
     if impl == "dense_masked":
         mask = torch.zeros(case["n"], case["n"], dtype=torch.bool)
         mask[dst, src] = True
@@ -174,7 +157,7 @@ def cases(lengths, patterns, hops_list, heads, dim, threads, repeats, budget_s):
                 continue
             yield {**base, "impl": "sparse_one_hop", "pattern": pattern, "hops": 1}
             for hops in hops_list:  # K = 1 is sparse_one_hop above
-                for impl in ("block", "dgl", "gather_scatter", "dense_masked"):
+                for impl in ("block", "dgl", "gather", "dense_masked"):
                     if (impl == "dense_masked" and n > DENSE_MASKED_MAX) or (
                             impl == "block" and not supports(spec)):
                         continue
@@ -202,7 +185,8 @@ def add_ratios(rows: list[dict], peak_gflops: float) -> None:
         row["gflops"] = row["flops"] / row["forward_backward_s"] / 1e9 * 3  # fwd+bwd ~ 3x fwd
         row["fraction_of_matmul"] = row["gflops"] / peak_gflops
         if row["n"] in sdpa:
-            row["speedup_vs_sdpa"] = sdpa[row["n"]]["forward_backward_s"] / row["forward_backward_s"]
+            dense = sdpa[row["n"]]
+            row["speedup_vs_sdpa"] = dense["forward_backward_s"] / row["forward_backward_s"]
             row["memory_vs_sdpa"] = (row["peak_memory_bytes"]
                                      / max(2**20, sdpa[row["n"]]["peak_memory_bytes"]))
 
@@ -241,7 +225,8 @@ def plot(rows: list[dict], path: Path) -> None:
     series: dict = {}
     for r in rows:
         if "error" not in r:
-            label = r["impl"] if r["pattern"] is None else f"{r['impl']} {r['pattern']} K={r['hops']}"
+            label = (r["impl"] if r["pattern"] is None
+                     else f"{r['impl']} {r['pattern']} K={r['hops']}")
             series.setdefault(label, []).append(r)
     for label, points in series.items():
         points.sort(key=lambda r: r["n"])

@@ -1,9 +1,18 @@
+"""The block engine's own edge cases: layouts, the auto rule and the patterns it refuses.
+
+Parity with the other engines on every pattern kind is in test_engines.py."""
 import pytest
 import torch
 
-from diffuser_graph import (DiffuserAttention, PatternSpec, batch_graphs, block_diffusion_attention,
-                            build_graph, dense_diffusion_attention, dense_mask, diffusion_attention)
-from diffuser_graph.block_engine import block_layout, supports
+from diffuser_graph import (
+    PackedBatch,
+    PatternSpec,
+    build_graph,
+    dense_diffusion_attention,
+    dense_mask,
+    diffusion_attention,
+)
+from diffuser_graph.engines.block import block_layout, prefer_block, supports
 
 PATTERNS = {
     "window": (70, PatternSpec(window=3)),
@@ -23,83 +32,33 @@ def qkv(n, dtype=torch.float64, seed=0, heads=2, dim=4):
             for _ in range(3)]
 
 
+def block(lengths, spec):
+    return PackedBatch.from_lengths(lengths, spec, engine="block")
+
+
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 @pytest.mark.parametrize("kwargs", DIFFUSIONS)
 def test_block_equals_dgl_and_dense_reference(pattern, kwargs):
     n, spec = PATTERNS[pattern]
     g = build_graph(n, spec)
     q, k, v = qkv(n)
-    block = block_diffusion_attention([n], spec, q, k, v, **kwargs)
-    torch.testing.assert_close(block, diffusion_attention(g, q, k, v, **kwargs), rtol=0, atol=1e-10)
-    torch.testing.assert_close(block, dense_diffusion_attention(dense_mask(g), q, k, v, **kwargs),
+    out = diffusion_attention(block([n], spec), q, k, v, **kwargs)
+    torch.testing.assert_close(out, diffusion_attention(g, q, k, v, **kwargs), rtol=0, atol=1e-10)
+    torch.testing.assert_close(out, dense_diffusion_attention(dense_mask(g), q, k, v, **kwargs),
                                rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("pattern", ["window+global+random", "explicit globals"])
-def test_gradients_equal_dgl(pattern):
-    n, spec = PATTERNS[pattern]
-    g = build_graph(n, spec)
-    weights = torch.randn(n, 2, 4, dtype=torch.float64)
-    grads = []
-    for run in (lambda q, k, v: block_diffusion_attention([n], spec, q, k, v, hops=3),
-                lambda q, k, v: diffusion_attention(g, q, k, v, hops=3)):
-        q, k, v = qkv(n)
-        (run(q, k, v) * weights).sum().backward()
-        grads.append([q.grad, k.grad, v.grad])
-    for block_grad, dgl_grad in zip(*grads):
-        torch.testing.assert_close(block_grad, dgl_grad, rtol=0, atol=1e-10)
-
-
-def test_gradcheck():
-    spec = PatternSpec(window=1, num_global=1, num_random=2)
-    q, k, v = qkv(10, heads=1, dim=3)
-    assert torch.autograd.gradcheck(
-        lambda q, k, v: block_diffusion_attention([10], spec, q, k, v, hops=3, kernel="heat"),
-        (q, k, v))
-
-
-def test_float32_and_batches():
-    spec = PatternSpec(window=8, num_global=2, num_random=3)
-    lengths = [50, 9, 130]
-    q, k, v = qkv(sum(lengths), dtype=torch.float32)
-    block = block_diffusion_attention(lengths, spec, q, k, v)
-    dgl_out = diffusion_attention(batch_graphs(lengths, spec), q, k, v)
-    torch.testing.assert_close(block, dgl_out, rtol=1e-5, atol=1e-5)
-
-
-def test_dropout_only_in_training():
-    n, spec = PATTERNS["window+global+random"]
-    q, k, v = qkv(n)
-    kwargs = dict(attn_dropout=0.3, hop_dropout=0.3)
-    evaluation = block_diffusion_attention([n], spec, q, k, v, **kwargs)
-    torch.testing.assert_close(evaluation, block_diffusion_attention([n], spec, q, k, v))
-    torch.manual_seed(0)
-    assert not torch.allclose(block_diffusion_attention([n], spec, q, k, v, training=True,
-                                                        **kwargs), evaluation)
-
-
-def test_module_engines_agree_and_auto_falls_back():
-    torch.manual_seed(0)
-    spec = PatternSpec(window=4, num_global=1, num_random=2)
-    layers = {engine: DiffuserAttention(16, 2, hops=3, engine=engine, pattern=spec).double()
-              for engine in ("dgl", "block", "auto")}
-    state = layers["dgl"].state_dict()
-    for layer in layers.values():
-        layer.load_state_dict(state)
-        layer.eval()
-    g = batch_graphs([30, 12], spec)
-    x = torch.randn(42, 16, dtype=torch.float64)
-    reference = layers["dgl"](g, x)
-    for engine in ("block", "auto"):
-        assert layers[engine].block_capable
-        torch.testing.assert_close(layers[engine](g, x), reference, rtol=0, atol=1e-10)
-    grid = PatternSpec(kind="grid", image_size=(4, 4))
-    assert not DiffuserAttention(16, 2, engine="auto", pattern=grid).block_capable
+def test_layout_holds_exactly_the_graphs_edges():
+    n, spec = PATTERNS["wide window, odd length"]
+    layout = block_layout(n, spec)
+    band = int(layout.band_mask.sum())
+    globals_ = len(layout.globals)
+    global_edges = globals_ * n + (n - globals_) * globals_
+    assert band + global_edges + int(layout.random_mask.sum()) == build_graph(n, spec).num_edges()
+    assert block_layout(n, spec) is layout  # cached
 
 
 def test_auto_prefers_block_only_where_it_measured_faster():
-    from diffuser_graph.block_engine import prefer_block
-
     wide, medium, narrow = (PatternSpec(window=w) for w in (32, 8, 2))
     assert prefer_block(wide, [128] * 16) and prefer_block(wide, [4096])
     assert not prefer_block(wide, [60] * 32)
@@ -115,20 +74,17 @@ def test_unsupported_patterns_are_refused_clearly(spec):
     assert not supports(spec)
     with pytest.raises(ValueError, match="block engine needs kind='window'"):
         block_layout(16, spec)
-    with pytest.raises(ValueError, match="engine='block' needs"):
-        DiffuserAttention(16, 2, engine="block", pattern=spec)
+    with pytest.raises(ValueError, match="engine='block' needs a 1-D window pattern"):
+        block([16], spec)
 
 
-def test_bad_arguments():
-    spec = PatternSpec(window=2)
-    q, k, v = qkv(10)
-    with pytest.raises(ValueError, match="N=10 rows but the lengths sum to 12"):
-        block_diffusion_attention([12], spec, q, k, v)
-    with pytest.raises(ValueError, match="engine must be one of"):
-        DiffuserAttention(16, 2, engine="cuda")
-    with pytest.raises(ValueError, match="alpha"):
-        block_diffusion_attention([10], spec, q, k, v, alpha=2.0)
-    with pytest.raises(ValueError, match="one dtype"):
-        block_diffusion_attention([10], spec, q, k.float(), v)
-    with pytest.raises(ValueError, match="hop_dropout must be a probability"):
-        block_diffusion_attention([10], spec, q, k, v, hop_dropout=1.5)
+def test_block_engine_gives_no_per_edge_attention_so_return_attention_uses_another():
+    n, spec = PATTERNS["window+global+random"]
+    q, k, v = qkv(n)
+    batch = block([n], spec)
+    assert not batch.plan.edge_order and batch.edge_plan.edge_order
+    with pytest.raises(ValueError, match="holds attention in blocks"):
+        batch.plan.edge_attention(batch.plan.attention(q, k))
+    out, attn = diffusion_attention(batch, q, k, v, return_attention=True)
+    torch.testing.assert_close(out, diffusion_attention(batch, q, k, v), rtol=0, atol=1e-10)
+    assert attn.shape == (build_graph(n, spec).num_edges(), 2)

@@ -68,7 +68,8 @@ def test_shipped_spectral_config_is_valid():
 def test_pattern_command(capsys):
     assert main(["pattern", "--length", "256", "window=4", "num_random=2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["directed_edges"] == build_graph(256, PatternSpec(window=4, num_random=2)).num_edges()
+    expected = build_graph(256, PatternSpec(window=4, num_random=2)).num_edges()
+    assert report["directed_edges"] == expected
     assert report["ua_conditions"]["self_loops"]["holds"] is True
     assert main(["pattern", "--length", "128", "kind=official"]) == 0
     assert "directed edges" in capsys.readouterr().out

@@ -1,10 +1,7 @@
-import os
-
 import pytest
 import yaml
 
-from diffuser_graph.config import (ConfigError, apply_overrides, atomic_write_text, load_config,
-                                   parse_override)
+from diffuser_graph.config import ConfigError, apply_overrides, load_config, parse_override
 from diffuser_graph.spectral_sweep import SpectralConfig
 
 
@@ -65,11 +62,3 @@ def test_missing_and_malformed_files(tmp_path):
     listing.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_config(listing, SpectralConfig)
-
-
-def test_atomic_write_replaces_whole_file(tmp_path):
-    path = tmp_path / "sub" / "out.txt"
-    atomic_write_text(path, "first")
-    atomic_write_text(path, "second")
-    assert path.read_text() == "second"
-    assert os.listdir(path.parent) == ["out.txt"]  # no temporary files left behind

@@ -2,8 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from diffuser_graph import (PackedBatch, PatternSpec, batch_graphs, build_graph, pattern_edges,
-                            to_networkx, to_scipy)
+from diffuser_graph import (
+    PackedBatch,
+    PatternSpec,
+    batch_graphs,
+    build_graph,
+    pattern_edges,
+    to_networkx,
+    to_scipy,
+)
 
 SPEC = PatternSpec(window=2, num_global=1, num_random=2, seed=0)
 
@@ -33,6 +40,11 @@ def test_batch_graphs_concatenates_sequences():
         batch_graphs([], SPEC)
     with pytest.raises(ValueError, match=">= 1"):
         batch_graphs([3, 0], SPEC)
+    with pytest.raises(ValueError, match="every length must be an integer, got 2.5"):
+        batch_graphs([2.5], SPEC)
+    with pytest.raises(ValueError, match="every length must be an integer, got True"):
+        batch_graphs([True], SPEC)
+    assert batch_graphs(np.array([4, 2]), SPEC).batch_num_nodes().tolist() == [4, 2]
 
 
 def test_packed_batch_round_trip():
@@ -74,11 +86,12 @@ def test_to_scipy_and_networkx_agree_with_edges():
     assert np.all(csr[src, dst] == 1)
     nxg = to_networkx(g)
     assert nxg.number_of_nodes() == 25 and nxg.number_of_edges() == src.size
-    assert all(nxg.has_edge(u, v) for u, v in zip(src[:50].tolist(), dst[:50].tolist()))
+    pairs = zip(src[:50].tolist(), dst[:50].tolist(), strict=True)
+    assert all(nxg.has_edge(u, v) for u, v in pairs)
 
 
 def test_padding_from_lengths():
-    from diffuser_graph.graph import Padding
+    from diffuser_graph import Padding
 
     padding = Padding.from_lengths([3, 1])
     assert padding.padded_shape == (2, 3)

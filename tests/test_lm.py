@@ -11,7 +11,7 @@ from diffuser_graph import DiffuserConfig, DiffuserEncoder, DiffuserForCausalLM,
 from diffuser_graph.cli import main
 from diffuser_graph.config import ConfigError
 from diffuser_graph.tasks import DataError, LMTask, collate, lm, load_task
-from diffuser_graph.tasks.text import BYTE_OFFSET
+from diffuser_graph.tasks.vocab import BYTE_VOCAB_SIZE
 from diffuser_graph.train import RunConfig, train
 
 CAUSAL = PatternSpec(window=2, num_global=1, num_random=2, causal=True, seed=3)
@@ -93,11 +93,11 @@ def test_text_file_is_chunked_into_shifted_examples(tmp_path):
     (tmp_path / "corpus.txt").write_bytes(text)
     data = load_task(LMTask(path=str(tmp_path / "corpus.txt"), seq_len=16, val_fraction=0.1,
                             test_fraction=0.1), seed=0)
-    assert data.head == "lm" and data.num_labels == data.vocab_size == 256 + BYTE_OFFSET
+    assert data.head == "lm" and data.num_labels == data.vocab_size == BYTE_VOCAB_SIZE == 258
     n_val = n_test = int(len(text) * 0.1)
     train_part = text[:len(text) - n_val - n_test]
     assert len(data.train) == (len(train_part) - 1) // 16
-    for inputs, targets in zip(data.train.sequences, data.train.targets):
+    for inputs, targets in zip(data.train.sequences, data.train.targets, strict=True):
         assert len(inputs) == 16 and np.array_equal(inputs[1:], targets[:-1])
     rebuilt = np.concatenate(data.train.sequences + [data.train.targets[-1][-1:]])
     assert data.decode(rebuilt) == train_part[:len(rebuilt)].decode()
@@ -203,14 +203,19 @@ def test_generate_extends_greedily_or_by_sampling():
 
 def test_sample_and_generate_reject_bad_arguments(tmp_path, capsys):
     from diffuser_graph import DiffuserForSequenceClassification
-    from diffuser_graph.train import save_checkpoint
+    from diffuser_graph.checkpoint import save_checkpoint
 
     classifier = DiffuserForSequenceClassification(lm_config(pattern=PatternSpec(window=2)))
     path = tmp_path / "classifier.pt"
-    save_checkpoint(path, model=classifier.state_dict(), step=0,
-                    model_config=classifier.config.model_dump_json())
+    save_checkpoint(path, classifier, step=0)
     assert main(["sample", "--checkpoint", str(path), "--prompt", "x"]) == 2
-    assert "is not a language model" in capsys.readouterr().err
+    assert ("holds a DiffuserForSequenceClassification, not a DiffuserForCausalLM"
+            in capsys.readouterr().err)
+    legacy = tmp_path / "legacy.pt"  # written before checkpoints recorded the model class
+    torch.save({"model": classifier.state_dict(), "step": 0,
+                "model_config": classifier.config.model_dump_json()}, legacy)
+    assert main(["sample", "--checkpoint", str(legacy), "--prompt", "x"]) == 2
+    assert "do not fit a DiffuserForCausalLM" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", str(path), "--prompt", "x", "--tokens", "0"]) == 2
     assert "--tokens and --top-k must be at least 1" in capsys.readouterr().err
     net = DiffuserForCausalLM(lm_config())

@@ -3,8 +3,11 @@ import pytest
 import torch
 
 from diffuser_graph import PatternSpec
-from diffuser_graph.model import (DiffuserConfig, DiffuserForMatching,
-                                  DiffuserForSequenceClassification)
+from diffuser_graph.model import (
+    DiffuserConfig,
+    DiffuserForMatching,
+    DiffuserForSequenceClassification,
+)
 
 
 def config(**overrides):
@@ -106,7 +109,7 @@ def test_bad_inputs_give_clear_errors():
         net(torch.ones(1, 70, dtype=torch.long))
     with pytest.raises(ValueError, match="input_ids must be in \\[0, 12\\)"):
         net(ids + 20, mask)
-    with pytest.raises(ValueError, match="attention_mask shape"):
+    with pytest.raises(ValueError, match="attention_mask must be a tensor shaped like input_ids"):
         net(ids, mask[:, :3])
     with pytest.raises(ValueError, match="input_ids must be a \\(B, L\\) tensor"):
         net(ids[0])

@@ -4,7 +4,7 @@ import pytest
 from scipy import ndimage
 
 from diffuser_graph.tasks import PathfinderTask, load_task, pathfinder
-from diffuser_graph.tasks.image import OFFSET
+from diffuser_graph.tasks.vocab import NUM_SPECIAL
 
 SMALL = PathfinderTask(size=16, path_length=14, distractors=1, train_size=40, val_size=10,
                        test_size=10)
@@ -38,7 +38,7 @@ def test_labels_are_whether_the_dots_are_joined(seed):
     for label in [0, 1] * 20:
         image, paths = pathfinder.make_example(task, label, rng)
         assert dots_connected(image, paths) == bool(label)
-        assert len(paths) == 3 and all(len(p) == l for p, l in zip(paths, (14, 14, 7)))
+        assert len(paths) == 3 and [len(p) for p in paths] == [14, 14, 7]
 
 
 def test_dashed_paths_never_touch_and_the_dots_sit_on_path_ends():
@@ -63,11 +63,12 @@ def test_dashed_paths_never_touch_and_the_dots_sit_on_path_ends():
 def test_generator_is_deterministic_balanced_and_fair():
     data = load_task(SMALL, seed=1)
     again, other = load_task(SMALL, seed=1), load_task(SMALL, seed=2)
-    assert all(np.array_equal(a, b) for a, b in zip(data.train.sequences, again.train.sequences))
+    assert all(np.array_equal(a, b)
+               for a, b in zip(data.train.sequences, again.train.sequences, strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(data.train.sequences,
-                                                        other.train.sequences))
+                                                        other.train.sequences, strict=True))
     assert data.image_size == (16, 16) and data.num_labels == 2
-    assert data.vocab_size == 256 + OFFSET
+    assert data.vocab_size == 256 + NUM_SPECIAL
     assert np.bincount(data.train.labels).tolist() == [20, 20]
     images = np.stack([pathfinder.to_image(s, 16) for s in data.train.sequences])
     assert set(np.unique(images)) == {0, 255}

@@ -7,7 +7,7 @@ from diffuser_graph import PatternSpec, official_pattern, pattern_edges
 
 
 def edge_set(src, dst):
-    return set(zip(src.tolist(), dst.tolist()))
+    return set(zip(src.tolist(), dst.tolist(), strict=True))
 
 
 def authors_adjacency(max_len, w, num_rand, num_glob):
@@ -74,7 +74,8 @@ def test_globals_attend_and_are_attended_by_all():
     for g in (3, 17):
         assert all((g, v) in edges for v in range(n))
         assert all((u, g) in edges for u in range(n))
-    assert len(edges) == len(brute_force_window(n, 1, 1) | {(g, x) for g in (3, 17) for x in range(n)}
+    assert len(edges) == len(brute_force_window(n, 1, 1)
+                             | {(g, x) for g in (3, 17) for x in range(n)}
                              | {(x, g) for g in (3, 17) for x in range(n)})
     first = edge_set(*pattern_edges(n, PatternSpec(window=1, num_global=2)))
     assert all((0, v) in first and (1, v) in first for v in range(n))

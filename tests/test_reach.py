@@ -3,8 +3,15 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from diffuser_graph import (PatternSpec, build_graph, khop_receptive_field, reach_stats,
-                            to_networkx, to_scipy, ua_conditions)
+from diffuser_graph import (
+    PatternSpec,
+    build_graph,
+    khop_receptive_field,
+    reach_stats,
+    to_networkx,
+    to_scipy,
+    ua_conditions,
+)
 
 
 def networkx_hops(g):
@@ -23,7 +30,8 @@ def test_exact_histogram_and_coverage_match_networkx(spec):
     hops = np.array(networkx_hops(g))
     stats = reach_stats(g, max_hops=6)
     assert stats.exact and stats.sources == n
-    expected_hist = {int(h): c / hops.size for h, c in zip(*np.unique(hops, return_counts=True))}
+    values, counts = np.unique(hops, return_counts=True)
+    expected_hist = {int(h): c / hops.size for h, c in zip(values, counts, strict=True)}
     assert stats.hop_histogram == pytest.approx(expected_hist)
     for k in range(1, 7):
         assert stats.coverage[k] == pytest.approx(np.mean((hops >= 0) & (hops <= k)))

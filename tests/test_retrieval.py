@@ -7,6 +7,7 @@ import torch
 
 from diffuser_graph import DiffuserConfig, DiffuserForMatching
 from diffuser_graph.tasks import DataError, RetrievalTask, collate, load_task, retrieval
+from diffuser_graph.tasks.vocab import decode_bytes
 
 SMALL = RetrievalTask(num_topics=5, topic_words=2, words=30, cues=3, noise_cues=2,
                       train_size=60, val_size=10, test_size=10)
@@ -26,8 +27,8 @@ def topic_by_hand(text: str) -> int:
 def test_synthetic_pairs_are_related_exactly_when_topics_agree():
     split = retrieval.generate(SMALL, LEXICON, 200, np.random.default_rng(0))
     assert np.bincount(split.labels).tolist() == [100, 100]
-    for first, second, label in zip(split.sequences, split.pairs, split.labels):
-        a, b = retrieval.decode(first), retrieval.decode(second)
+    for first, second, label in zip(split.sequences, split.pairs, split.labels, strict=True):
+        a, b = decode_bytes(first), decode_bytes(second)
         assert len(a.split()) == len(b.split()) == 30
         assert (topic_by_hand(a) == topic_by_hand(b)) == bool(label)
         assert topic_by_hand(a) == retrieval.document_topic(a, LEXICON)
@@ -37,8 +38,10 @@ def test_generator_is_deterministic_and_builds_a_matching_task():
     data = load_task(SMALL, seed=4)
     again, other = load_task(SMALL, seed=4), load_task(SMALL, seed=5)
     assert data.head == "matching" and data.num_labels == 2
-    assert all(np.array_equal(a, b) for a, b in zip(data.train.pairs, again.train.pairs))
-    assert not all(np.array_equal(a, b) for a, b in zip(data.train.pairs, other.train.pairs))
+    same = [np.array_equal(a, b) for a, b in zip(data.train.pairs, again.train.pairs, strict=True)]
+    other_seed = [np.array_equal(a, b)
+                  for a, b in zip(data.train.pairs, other.train.pairs, strict=True)]
+    assert all(same) and not all(other_seed)
     lexicon = retrieval.topic_lexicon(SMALL, np.random.default_rng(0))
     words = [w for topic in lexicon for w in topic]
     assert len(set(words)) == 10 and not set(words) & set(retrieval.FILLER)
@@ -58,8 +61,8 @@ def test_lra_tsv_fixture_is_read(tmp_path):
     write_tsv(tmp_path / "aan", rows)
     data = load_task(RetrievalTask(path=str(tmp_path / "aan")), seed=0)
     assert data.head == "matching" and data.train.labels.tolist() == [1, 0] and len(data.test) == 2
-    assert retrieval.decode(data.val.sequences[0]) == "a paper on parsing"
-    assert retrieval.decode(data.val.pairs[1]) == "é speech"
+    assert decode_bytes(data.val.sequences[0]) == "a paper on parsing"
+    assert decode_bytes(data.val.pairs[1]) == "é speech"
     assert data.train.pairs[0][0] == 1  # each document starts with <cls>
     truncated = load_task(RetrievalTask(path=str(tmp_path / "aan"), max_length=5), seed=0)
     assert max(len(s) for s in truncated.train.sequences + truncated.train.pairs) == 5

@@ -8,9 +8,20 @@ import scipy.sparse as sp
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from diffuser_graph import (PatternSpec, build_graph, complete_graph_stats, dense_attention_matrix,
-                            dense_mask, diffused_spectrum, diffusion_eigenvalue_map, eigenvalues,
-                            spectral_stats)
+from diffuser_graph import (
+    Diffusion,
+    PatternSpec,
+    build_graph,
+    complete_graph_stats,
+    dense_attention_matrix,
+    dense_mask,
+    diffused_spectrum,
+    diffusion_eigenvalue_map,
+    diffusion_operator,
+    eigenvalues,
+    spectral_stats,
+)
+from diffuser_graph.spectral import diffused_operator_matrix
 
 
 def adjacency(graph):
@@ -85,7 +96,8 @@ def test_eigenvalues_match_numpy_on_random_graphs(seed):
     np.testing.assert_allclose(eigenvalues(adj), expected, atol=1e-12)
     np.testing.assert_allclose(eigenvalues(adj, k=3), expected[:3], atol=1e-12)
     stats = spectral_stats(adj)
-    assert stats.lambda_2 == pytest.approx(expected[1]) and stats.lambda_min == pytest.approx(expected[-1])
+    assert stats.lambda_2 == pytest.approx(expected[1])
+    assert stats.lambda_min == pytest.approx(expected[-1])
 
 
 def test_dense_and_sparse_agree_on_patterns():
@@ -165,8 +177,12 @@ def test_bad_arguments_give_clear_errors():
         spectral_stats(cycle(5), method="lanczos")
     with pytest.raises(ValueError, match="rows summing to 1"):
         diffused_spectrum(np.ones((3, 3)))
-    with pytest.raises(ValueError, match="alpha must be > 0"):
-        diffusion_eigenvalue_map(np.array([0.5]), alpha=0.0, hops=None)
+    with pytest.raises(ValueError, match="infinite=True needs kernel 'ppr' with alpha > 0"):
+        diffusion_eigenvalue_map(np.array([0.5]), Diffusion(alpha=0.0), infinite=True)
+    with pytest.raises(ValueError, match="infinite=True needs kernel 'ppr'"):
+        diffusion_eigenvalue_map(np.array([0.5]), Diffusion(kernel="heat"), infinite=True)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        spectral_stats(np.array([[0.0, np.nan], [1.0, 0.0]]))
 
 
 def random_row_stochastic(n, seed):
@@ -188,11 +204,17 @@ def test_eigenvalue_map_on_random_row_stochastic_matrices(seed):
     attn = random_row_stochastic(40, seed)
     spectra = diffused_spectrum(attn, alpha=0.15, hops=4, t=2.0)
     mu = spectra["A"]
-    assert_same_multiset(spectra["ppr_inf"], diffusion_eigenvalue_map(mu, alpha=0.15, hops=None),
+    ppr, heat = Diffusion(alpha=0.15, hops=4), Diffusion(kernel="heat", hops=4, t=2.0)
+    assert_same_multiset(spectra["ppr_inf"], diffusion_eigenvalue_map(mu, ppr, infinite=True),
                          1e-8)
-    assert_same_multiset(spectra["ppr"], diffusion_eigenvalue_map(mu, alpha=0.15, hops=4), 1e-8)
-    assert_same_multiset(spectra["heat"],
-                         diffusion_eigenvalue_map(mu, hops=4, kernel="heat", t=2.0), 1e-8)
+    assert_same_multiset(spectra["ppr"], diffusion_eigenvalue_map(mu, ppr), 1e-8)
+    assert_same_multiset(spectra["heat"], diffusion_eigenvalue_map(mu, heat), 1e-8)
+    # The operators themselves are the dense reference's explicit matrix series.
+    for diffusion, kwargs in ((ppr, dict(alpha=0.15, hops=4)),
+                              (heat, dict(kernel="heat", hops=4, t=2.0))):
+        np.testing.assert_allclose(
+            diffused_operator_matrix(attn, diffusion),
+            diffusion_operator(torch.from_numpy(attn), **kwargs).numpy(), rtol=0, atol=1e-12)
     # The eigenvalue 1 of a stochastic matrix stays 1: diffused operators are stochastic too.
     assert np.min(np.abs(spectra["ppr_inf"] - 1)) < 1e-10
 
@@ -200,7 +222,7 @@ def test_eigenvalue_map_on_random_row_stochastic_matrices(seed):
 def test_low_pass_laplacian_form_and_gap_enlargement():
     alpha = 0.1
     lam = np.linspace(1e-3, 1.0, 200)  # Laplacian eigenvalues, lam = 1 - mu
-    mapped = 1 - diffusion_eigenvalue_map(1 - lam, alpha=alpha, hops=None)
+    mapped = 1 - diffusion_eigenvalue_map(1 - lam, Diffusion(alpha=alpha), infinite=True)
     np.testing.assert_allclose(mapped, (1 - alpha) * lam / (alpha + (1 - alpha) * lam), rtol=1e-12)
     small = lam < 1 - 2 * alpha  # large-scale structure: amplified
     assert np.all(mapped[small] > lam[small])

@@ -5,9 +5,21 @@ import numpy as np
 import pydantic
 import pytest
 
-from diffuser_graph.tasks import (CLS_ID, DataError, ImageTask, ListOpsTask, MultiHopTask, TextTask,
-                                  collate, image, listops, multihop,
-                                  load_task, text)
+from diffuser_graph.tasks import (
+    CLS_ID,
+    DataError,
+    ImageTask,
+    ListOpsTask,
+    MultiHopTask,
+    TextTask,
+    collate,
+    image,
+    listops,
+    load_task,
+    multihop,
+    text,
+)
+from diffuser_graph.tasks.vocab import decode_bytes
 
 SMALL_LISTOPS = ListOpsTask(max_depth=4, max_args=5, min_length=10, max_length=60,
                             train_size=200, val_size=30, test_size=30)
@@ -31,10 +43,11 @@ def test_listops_generator_is_deterministic_and_labels_are_correct():
     data = load_task(SMALL_LISTOPS, seed=3)
     again = load_task(SMALL_LISTOPS, seed=3)
     other = load_task(SMALL_LISTOPS, seed=4)
-    assert all(np.array_equal(a, b) for a, b in zip(data.train.sequences, again.train.sequences))
+    assert all(np.array_equal(a, b)
+               for a, b in zip(data.train.sequences, again.train.sequences, strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(data.train.sequences,
-                                                        other.train.sequences))
-    for ids, label in zip(data.train.sequences, data.train.labels):
+                                                        other.train.sequences, strict=True))
+    for ids, label in zip(data.train.sequences, data.train.labels, strict=True):
         assert ids[0] == CLS_ID and 10 <= len(ids) - 1 <= 60
         assert listops.evaluate(listops.parse(listops.decode(ids).split())) == label
     assert data.vocab_size == len(listops.VOCAB) and data.num_labels == 10
@@ -90,8 +103,8 @@ def test_lra_folder_without_files(tmp_path):
 def test_text_synthetic_labels_follow_the_cues():
     task = TextTask(train_size=50, val_size=5, test_size=5, synthetic_words=80, max_length=600)
     data = load_task(task, seed=1)
-    for ids, label in zip(data.train.sequences, data.train.labels):
-        words = text.decode(ids).split()
+    for ids, label in zip(data.train.sequences, data.train.labels, strict=True):
+        words = decode_bytes(ids).split()
         positive = sum(w in text.POSITIVE for w in words)
         negative = sum(w in text.NEGATIVE for w in words)
         assert positive + negative == task.synthetic_cues
@@ -105,10 +118,10 @@ def test_text_readers_csv_jsonl_tsv(tmp_path):
     (tmp_path / "val.jsonl").write_text(json.dumps({"text": "ok", "label": 2}) + "\n")
     (tmp_path / "test.tsv").write_text("Source\tTarget\nabc\t0\n")
     data = load_task(TextTask(path=str(tmp_path), max_length=5), seed=0)
-    assert text.decode(data.train.sequences[0]) == "hél"  # 4 bytes after <cls>: h, é (2), l
+    assert decode_bytes(data.train.sequences[0]) == "hél"  # 4 bytes after <cls>: h, é (2), l
     assert len(data.train.sequences[0]) == 5
     assert data.num_labels == 3 and data.val.labels.tolist() == [2]
-    assert text.decode(data.test.sequences[0]) == "abc"
+    assert decode_bytes(data.test.sequences[0]) == "abc"
 
 
 @pytest.mark.parametrize("name,content,message", [
@@ -231,7 +244,7 @@ def test_multihop_generator_is_correct_and_deterministic():
     task = MultiHopTask(seq_len=128, num_symbols=12, chain=3, distractors=5, train_size=300,
                         val_size=10, test_size=10)
     data = load_task(task, seed=0)
-    for sequence, label in zip(data.train.sequences, data.train.labels):
+    for sequence, label in zip(data.train.sequences, data.train.labels, strict=True):
         assert len(sequence) == 128 and sequence[0] == CLS_ID
         assert sequence[-2] == multihop.QUERY
         assert int(np.sum(sequence == multihop.ARROW)) == 8  # chain + distractor facts

@@ -9,11 +9,11 @@ import pytest
 import torch
 import yaml
 
+from diffuser_graph.checkpoint import CheckpointError, load_checkpoint
 from diffuser_graph.cli import main
 from diffuser_graph.config import ConfigError, load_config
 from diffuser_graph.tasks import collate, load_task
-from diffuser_graph.train import (CheckpointError, RunConfig, load_checkpoint,
-                                  model_from_checkpoint, read_metrics, train)
+from diffuser_graph.train import RunConfig, model_for_task, read_metrics, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -208,7 +208,7 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     config = RunConfig.model_validate({**data, "out_dir": str(single_dir)})
     task = load_task(config.task, config.seed)
     batch = collate(task.val, range(len(task.val)))
-    logits = [model_from_checkpoint(state, task).eval()(batch["input_ids"],
+    logits = [model_for_task(state, task).eval()(batch["input_ids"],
                                                            batch["attention_mask"])
               for state in (single, ddp)]
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)

@@ -8,8 +8,12 @@ import numpy as np  # noqa: E402
 
 from diffuser_graph import PatternSpec, build_graph, dense_mask  # noqa: E402
 from diffuser_graph.cli import main  # noqa: E402
-from diffuser_graph.visualize import (adjacency_density, draw_adjacency,  # noqa: E402
-                                      draw_degree_histogram, draw_receptive_field)
+from diffuser_graph.visualize import (  # noqa: E402
+    adjacency_density,
+    draw_adjacency,
+    draw_degree_histogram,
+    draw_receptive_field,
+)
 
 
 def test_adjacency_density_is_exact_without_blocks():

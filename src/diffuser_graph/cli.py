@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import yaml
@@ -50,7 +50,7 @@ PATTERN_EXAMPLES = """examples:
 """
 
 
-def _pattern_fields(config: Optional[str], fields: Sequence[str]) -> dict:
+def _pattern_fields(config: str | None, fields: Sequence[str]) -> dict:
     """PatternSpec fields from an optional YAML file (the spec, or a ``pattern:`` section)."""
     data: dict = {}
     if config is not None:
@@ -67,29 +67,9 @@ def _pattern_fields(config: Optional[str], fields: Sequence[str]) -> dict:
     return apply_overrides(data, fields)
 
 
-def _draw_pattern(g, spec, query: int, hops: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .visualize import draw_adjacency, draw_degree_histogram, draw_receptive_field
-
-    fig = plt.figure(figsize=(13, 4.6))
-    grid = fig.add_gridspec(1, 3, width_ratios=[1.1, 1, 1.3])
-    draw_adjacency(fig.add_subplot(grid[0]), g)
-    draw_degree_histogram(fig.add_subplot(grid[1]), g)
-    draw_receptive_field(fig.add_subplot(grid[2]), g, query, hops,
-                         spec.image_size if spec.kind == "grid" else None)
-    fig.suptitle(f"{spec.kind} pattern {spec.model_dump(exclude_defaults=True)}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def _train(args: argparse.Namespace) -> int:
-    from .train import CheckpointError, RunConfig, train
+    from .checkpoint import CheckpointError
+    from .train import RunConfig, train
 
     config = load_config(args.config, RunConfig, args.overrides)
     try:
@@ -101,7 +81,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .train import CheckpointError, RunConfig, evaluate_checkpoint
+    from .checkpoint import CheckpointError
+    from .train import RunConfig, evaluate_checkpoint
 
     config = load_config(args.config, RunConfig, args.overrides)
     try:
@@ -113,39 +94,33 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _examples(args: argparse.Namespace) -> int:
-    from .tasks import load_task
+    from .tasks import Split, load_task
     from .train import RunConfig
 
     if args.count < 1:
         raise ConfigError(f"--count must be at least 1, got {args.count}")
     config = load_config(args.config, RunConfig, args.overrides)
     data = load_task(config.task, config.seed)
-    split = getattr(data, args.split)
+    split = {"train": data.train, "val": data.val, "test": data.test}[args.split]
     chosen = range(min(args.count, len(split)))
     if data.image_size is not None:
         if args.out is None:
             raise ConfigError(f"task {config.task.name!r} holds images: pass --out PNG")
-        from matplotlib.figure import Figure
-
-        from .train import save_figure
-        from .visualize import draw_image_examples
+        from .io import atomic_save_figure
+        from .visualize import plot_image_examples
 
         images = [np.asarray(split.sequences[i]).reshape(data.image_size) for i in chosen]
-        columns = min(8, len(images))
-        fig = Figure(figsize=(1.6 * columns, 0.4 + 2.0 * int(np.ceil(len(images) / columns))))
-        draw_image_examples(fig, images, [f"label {split.labels[i]}" for i in chosen], columns)
-        fig.suptitle(f"{config.task.name}: {args.split} examples (pixel = token id)", fontsize=9)
-        fig.tight_layout()
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        save_figure(fig, Path(args.out))
+        fig = plot_image_examples(images, [split.describe(i) for i in chosen],
+                                  f"{config.task.name}: {args.split} examples (pixel = token id)")
+        atomic_save_figure(args.out, fig, dpi=100)
         print(f"wrote {len(images)} {args.split} examples to {args.out}")
         return 0
     show = data.decode or (lambda ids: " ".join(str(int(i)) for i in ids))
     for i in chosen:
-        print(f"--- {args.split} example {i}: label {split.labels[i]}, "
+        print(f"--- {args.split} example {i}: {split.describe(i)}, "
               f"{len(split.sequences[i])} tokens")
         print(show(split.sequences[i])[:args.chars])
-        if split.pairs is not None:
+        if isinstance(split, Split) and split.pairs is not None:
             print(f"--- paired with ({len(split.pairs[i])} tokens)")
             print(show(split.pairs[i])[:args.chars])
     return 0
@@ -154,22 +129,19 @@ def _examples(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
-    from .model import DiffuserConfig, DiffuserForCausalLM
-    from .tasks.text import BYTE_OFFSET, decode
-    from .train import CheckpointError, load_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+    from .model import DiffuserForCausalLM
+    from .tasks.vocab import decode_bytes, encode_bytes
 
     if args.tokens < 1 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
         raise ConfigError("--tokens and --top-k must be at least 1, --temperature at least 0")
     try:
-        state = load_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(load_checkpoint(args.checkpoint), DiffuserForCausalLM)
     except CheckpointError as err:
-        raise ConfigError(str(err)) from None
-    config = DiffuserConfig.model_validate_json(state["model_config"])
-    if "lm_head.weight" not in state["model"]:
-        raise ConfigError(f"{args.checkpoint} is not a language model (train an lm task)")
-    model = DiffuserForCausalLM(config)
-    model.load_state_dict(state["model"])
-    prompt = torch.tensor([[b + BYTE_OFFSET for b in args.prompt.encode("utf-8")]])
+        raise ConfigError(f"{args.checkpoint}: {err} (sample needs an lm task's checkpoint)"
+                          ) from None
+    config = model.config
+    prompt = torch.from_numpy(encode_bytes(args.prompt))[None, :]
     if prompt.shape[1] == 0:
         raise ConfigError("--prompt must not be empty")
     room = config.max_positions - prompt.shape[1]
@@ -178,7 +150,7 @@ def _sample(args: argparse.Namespace) -> int:
                           f"{config.max_positions}")
     ids = model.generate(prompt, min(args.tokens, room), temperature=args.temperature,
                          top_k=args.top_k, generator=torch.Generator().manual_seed(args.seed))
-    print(decode(ids[0]))
+    print(decode_bytes(ids[0].tolist()))
     return 0
 
 
@@ -214,7 +186,10 @@ def _pattern(args: argparse.Namespace) -> int:
               "directed_edges": g.num_edges(), "spectral": stats, "reach": reach,
               "ua_conditions": conditions}
     if args.out:
-        _draw_pattern(g, spec, query, args.hops, Path(args.out))
+        from .io import atomic_save_figure
+        from .visualize import plot_pattern
+
+        atomic_save_figure(args.out, plot_pattern(g, spec, query, args.hops))
     if args.json:
         print(json.dumps(report, indent=1, default=str))
         return 0
@@ -223,7 +198,8 @@ def _pattern(args: argparse.Namespace) -> int:
     for name in ("mean_degree", "lambda_2", "lambda_min", "one_sided_gap", "two_sided_gap",
                  "ramanujan_bound", "sweep_conductance"):
         print(f"  {name:>18}: {stats[name]:.6g}")
-    print(f"  {'diameter':>18}: between {reach['diameter_lower']:g} and {reach['diameter_upper']:g}")
+    print(f"  {'diameter':>18}: between {reach['diameter_lower']:g} and "
+          f"{reach['diameter_upper']:g}")
     print("  K-hop coverage    : " + ", ".join(f"K={k}: {v:.3f}"
                                                 for k, v in reach["coverage"].items()))
     for name, c in conditions.items():
@@ -329,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -1,4 +1,4 @@
-"""YAML configs validated by pydantic, with dotted command-line overrides and atomic writes.
+"""YAML configs validated by pydantic, with dotted command-line overrides.
 
 ``load_config("configs/spectral.yaml", SpectralConfig, ["seq_lens=[512,1024]", "seed=3"])``
 reads the YAML, applies each ``key.path=value`` override (the value is parsed as YAML) and
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Type, TypeVar
+from typing import Any, TypeVar
 
 import pydantic
 import yaml
@@ -63,7 +63,7 @@ def describe_validation_error(err: pydantic.ValidationError) -> str:
     return "\n".join(lines)
 
 
-def validate_config(data: Any, model: Type[Model], source: str = "config") -> Model:
+def validate_config(data: Any, model: type[Model], source: str = "config") -> Model:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of keys to values at the top level, "
                           f"got {type(data).__name__}")
@@ -73,7 +73,8 @@ def validate_config(data: Any, model: Type[Model], source: str = "config") -> Mo
         raise ConfigError(f"{source} is invalid:\n{describe_validation_error(err)}") from None
 
 
-def load_config(path: str | os.PathLike, model: Type[Model], overrides: Iterable[str] = ()) -> Model:
+def load_config(path: str | os.PathLike, model: type[Model],
+                overrides: Iterable[str] = ()) -> Model:
     """Read YAML at ``path``, apply dotted ``overrides`` and validate against ``model``."""
     path = Path(path)
     try:
@@ -86,18 +87,6 @@ def load_config(path: str | os.PathLike, model: Type[Model], overrides: Iterable
     source = str(path) + (f" with overrides {overrides}" if overrides else "")
     return validate_config(apply_overrides(data, overrides) if isinstance(data, dict) else data,
                            model, source)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
-                                     encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
 
 
 def dump_config(config: pydantic.BaseModel) -> str:

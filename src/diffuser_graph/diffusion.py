@@ -1,100 +1,170 @@
-"""The diffusion series shared by every engine: weights, argument checks and the K-hop loop.
+"""The diffusion value: which operator ``sum_k theta_k A^k`` a layer applies, and its series.
 
-PPR: ``Z0 = V``, ``Z(k+1) = (1 - alpha) A Z(k) + alpha V``; heat: ``sum_k w_k A^k V`` with
-``w_k`` proportional to ``e^{-t} t^k / k!``. An engine only supplies ``propagate`` (one
-application of ``A``); :func:`diffusion_series` does the rest.
+A :class:`Diffusion` (``kernel``, ``alpha``, ``hops``, ``t``) is frozen and validated once, where
+it is made; engines, the model and spectral analysis take it as it is. Its ``kernel`` names a
+coefficient function in a registry, so a new kernel is one function and one
+:func:`register_kernel` call:
+
+* ``"ppr"`` (personalized PageRank): ``theta_k = alpha (1-alpha)^k`` for ``k < K`` and
+  ``(1-alpha)^K`` for ``k = K``, the K-step truncation of ``Z(k+1) = (1-alpha) A Z(k) + alpha V``.
+* ``"heat"``: ``theta_k`` proportional to ``e^{-t} t^k / k!`` for ``k = 0..K``, renormalised to
+  sum to 1 (computed in log space, so any ``t`` and ``K`` work).
+
+:meth:`Diffusion.apply` evaluates ``sum_k theta_k A^k V`` with K applications of ``A`` by Horner's
+rule, ``Z = theta_K V``, ``Z <- A Z + theta_k V`` for ``k = K-1..0``. For PPR the Horner iterate
+after j steps is ``(1-alpha)^(K-j)`` times the paper's ``Z(j)``, so a dropout applied to either
+is the same dropout.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from typing import Annotated, Any, Protocol, TypeVar
 
-import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-KERNELS = ("ppr", "heat")
+from .checks import Float, Int
 
-
-def heat_weights(hops: int, t: float) -> list[float]:
-    """Weights ``w_k ∝ e^{-t} t^k / k!`` for ``k = 0..hops``, renormalised to sum to 1."""
-    raw = [math.exp(-t) * t**k / math.factorial(k) for k in range(hops + 1)]
-    total = sum(raw)
-    return [w / total for w in raw]
+KernelCoefficients = Callable[["Diffusion"], Sequence[float]]
+_KERNELS: dict[str, KernelCoefficients] = {}
 
 
-def series_coefficients(alpha: float, hops: int, kernel: str, t: float) -> list[float]:
-    """``theta_0..theta_K`` of the diffused operator ``sum_k theta_k A^k`` after ``hops`` = K steps.
 
-    PPR: ``alpha (1-alpha)^k`` for ``k < K`` and ``(1-alpha)^K`` for ``k = K``; heat: the weights
-    of :func:`heat_weights`. They sum to 1.
+class Vector(Protocol):
+    """What the series needs of values: a sum and a scalar multiple (tensors, arrays)."""
+
+    def __add__(self, other: Any, /) -> Any: ...
+
+    def __rmul__(self, other: float, /) -> Any: ...
+
+
+Z = TypeVar("Z", bound=Vector)
+
+
+def kernels() -> tuple[str, ...]:
+    """Names of the registered kernels."""
+    return tuple(_KERNELS)
+
+
+def register_kernel(name: str, coefficients: KernelCoefficients, *, replace: bool = False) -> None:
+    """Make ``Diffusion(kernel=name)`` use ``coefficients(diffusion) -> theta_0..theta_K``.
+
+    ``coefficients`` receives the whole :class:`Diffusion` (it may read ``alpha``, ``hops`` and
+    ``t``) and must return ``hops + 1`` finite numbers. Registering a name twice needs
+    ``replace=True``.
     """
-    check_diffusion_args(alpha, hops, kernel, t)
-    if kernel == "ppr":
-        return [alpha * (1 - alpha) ** k for k in range(hops)] + [(1 - alpha) ** hops]
-    return heat_weights(hops, t)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a kernel name must be an identifier, got {name!r}")
+    if not callable(coefficients):
+        raise ValueError(f"coefficients must be a function of a Diffusion, got {coefficients!r}")
+    if name in _KERNELS and not replace:
+        raise ValueError(f"kernel {name!r} is already registered; pass replace=True to replace it")
+    _KERNELS[name] = coefficients
+    _coefficients.cache_clear()
 
 
-def check_diffusion_args(alpha: float, hops: int, kernel: str, t: float) -> None:
-    """Raise ``ValueError`` naming the first diffusion argument outside its allowed range."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if isinstance(hops, bool) or not isinstance(hops, int) or hops < 1:
-        raise ValueError(f"hops must be an int >= 1, got {hops!r}")
-    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if not (isinstance(t, (int, float)) and t > 0.0 and math.isfinite(t)):
-        raise ValueError(f"t (heat kernel time) must be a finite number > 0, got {t!r}")
+def _registered(name: str) -> str:
+    if name not in _KERNELS:
+        raise ValueError(f"unknown kernel {name!r}; registered kernels: {', '.join(_KERNELS)}")
+    return name
 
 
-def diffusion_series(
-    propagate,
-    v: torch.Tensor,
-    *,
-    alpha: float = 0.1,
-    hops: int = 5,
-    kernel: str = "ppr",
-    t: float = 1.0,
-) -> torch.Tensor:
-    """The PPR or heat series of ``propagate`` (one application of ``A``) on values ``v``.
+# Field types shared by every config that holds diffusion settings (the model, the spectral probe).
+KernelName = Annotated[str, AfterValidator(_registered)]
+Alpha = Annotated[Float, Field(ge=0, le=1, allow_inf_nan=False)]
+Hops = Annotated[Int, Field(ge=1)]
+HeatTime = Annotated[Float, Field(gt=0, allow_inf_nan=False)]
 
-    Any engine supplies ``propagate``; the series is the same for all of them.
+
+class Diffusion(BaseModel):
+    """Settings of attention diffusion; frozen, hashable and validated on creation.
+
+    - ``kernel``: a registered kernel name (``"ppr"``, ``"heat"``, or one of
+      :func:`register_kernel`).
+    - ``alpha``: teleport probability of PPR in [0, 1].
+    - ``hops``: K >= 1, applications of the one-hop attention ``A``.
+    - ``t``: heat-kernel time > 0.
+
+    ``Diffusion(alpha=0, hops=1)`` (:meth:`one_hop`) is plain one-hop attention.
     """
-    check_diffusion_args(alpha, hops, kernel, t)
-    if kernel == "ppr":
-        z = v
-        for _ in range(hops):
-            z = (1.0 - alpha) * propagate(z) + alpha * v
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kernel: KernelName = "ppr"
+    alpha: Alpha = 0.1
+    hops: Hops = 5
+    t: HeatTime = 1.0
+
+    @classmethod
+    def one_hop(cls) -> Diffusion:
+        """One application of ``A`` and nothing else: sparse attention."""
+        return cls(kernel="ppr", alpha=0.0, hops=1)
+
+    @property
+    def coefficients(self) -> tuple[float, ...]:
+        """``theta_0..theta_K`` of the operator ``sum_k theta_k A^k``."""
+        return _coefficients(self)
+
+    def apply(self, propagate: Callable[[Z], Z], v: Z) -> Z:
+        """``sum_k theta_k A^k v``, where ``propagate(z)`` applies ``A`` (K calls, Horner's rule).
+
+        ``v`` is anything ``propagate`` takes that supports ``+`` and scalar ``*`` (a tensor of
+        any layout, a numpy array).
+        """
+        theta = self.coefficients
+        z = v if theta[-1] == 1 else theta[-1] * v
+        for weight in reversed(theta[:-1]):
+            z = propagate(z)
+            if weight:
+                z = z + weight * v
         return z
-    weights = heat_weights(hops, t)
-    z, out = v, weights[0] * v
-    for weight in weights[1:]:
-        z = propagate(z)
-        out = out + weight * z
-    return out
 
 
-def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_nodes: int,
-              where: str = "the pattern has") -> None:
-    """``q, k: (N, H, D)``, ``v: (N, H, Dv)``, one float dtype and device, ``N = num_nodes``."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise ValueError(f"{name} must be a (N, H, D) tensor, got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
-        if not x.dtype.is_floating_point:
-            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.shape != k.shape:
-        raise ValueError(f"q and k must have the same shape (N, H, D), got {tuple(q.shape)} "
-                         f"and {tuple(k.shape)}")
-    if v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"v must have the same N and H as q, got {tuple(v.shape)} vs "
-                         f"{tuple(q.shape)}")
-    if q.shape[0] != num_nodes:
-        raise ValueError(f"q, k, v have N={q.shape[0]} rows but {where} {num_nodes} nodes")
+@lru_cache(maxsize=256)
+def _coefficients(diffusion: Diffusion) -> tuple[float, ...]:
+    values = tuple(float(c) for c in _KERNELS[diffusion.kernel](diffusion))
+    if len(values) != diffusion.hops + 1 or not all(math.isfinite(c) for c in values):
+        raise ValueError(f"kernel {diffusion.kernel!r} must give hops + 1 = {diffusion.hops + 1} "
+                         f"finite coefficients, got {values}")
+    return values
 
 
-def check_dropout(name: str, p: float) -> None:
-    if not (isinstance(p, (int, float)) and 0.0 <= p < 1.0):
-        raise ValueError(f"{name} must be a probability in [0, 1), got {p!r}")
+def ppr_coefficients(diffusion: Diffusion) -> list[float]:
+    """``alpha (1-alpha)^k`` for ``k < K``, then ``(1-alpha)^K``: they sum to 1."""
+    alpha, hops = diffusion.alpha, diffusion.hops
+    return [alpha * (1 - alpha) ** k for k in range(hops)] + [(1 - alpha) ** hops]
+
+
+def heat_coefficients(diffusion: Diffusion) -> list[float]:
+    """``e^{-t} t^k / k!`` for ``k = 0..K`` renormalised to sum to 1, computed in log space."""
+    t, hops = diffusion.t, diffusion.hops
+    logs = [k * math.log(t) - math.lgamma(k + 1) for k in range(hops + 1)]
+    top = max(logs)
+    weights = [math.exp(x - top) for x in logs]
+    total = math.fsum(weights)
+    return [w / total for w in weights]
+
+
+register_kernel("ppr", ppr_coefficients)
+register_kernel("heat", heat_coefficients)
+
+
+def resolve_diffusion(diffusion: Diffusion | None = None, *, kernel: str | None = None,
+                      alpha: float | None = None, hops: int | None = None,
+                      t: float | None = None) -> Diffusion:
+    """A :class:`Diffusion` from a given one or from loose settings (not both).
+
+    Public functions take either ``diffusion=Diffusion(...)`` or ``alpha=, hops=, kernel=, t=``
+    for convenience; unset settings keep :class:`Diffusion`'s defaults.
+    """
+    loose = {name: value for name, value in
+             (("kernel", kernel), ("alpha", alpha), ("hops", hops), ("t", t)) if value is not None}
+    if diffusion is None:
+        return Diffusion(**loose)
+    if not isinstance(diffusion, Diffusion):
+        raise ValueError(f"diffusion must be a Diffusion, got {type(diffusion).__name__}")
+    if loose:
+        raise ValueError(f"pass either diffusion= or {', '.join(loose)}=, not both")
+    return diffusion

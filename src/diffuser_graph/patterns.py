@@ -19,10 +19,12 @@ Three kinds of pattern are described by one validated value, :class:`PatternSpec
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal, Optional, Tuple
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+
+from .checks import Int
 
 PatternKind = Literal["window", "grid", "official"]
 
@@ -62,19 +64,20 @@ class PatternSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: PatternKind = "window"
-    window: int = Field(default=None, ge=0, validate_default=False)
-    dilation: int = Field(default=1, ge=1)
-    num_global: int = Field(default=None, ge=0, validate_default=False)
-    global_positions: Optional[Tuple[int, ...]] = None
-    num_random: int = Field(default=None, ge=0, validate_default=False)
-    image_size: Optional[Tuple[int, int]] = None
-    max_len: int = Field(default=4096, ge=1)
-    causal: bool = False
-    seed: int = Field(default=0, ge=0)
+    # window, num_global and num_random default per kind (_KIND_DEFAULTS); these are "window"'s.
+    window: Int = Field(default=32, ge=0)
+    dilation: Int = Field(default=1, ge=1)
+    num_global: Int = Field(default=0, ge=0)
+    global_positions: tuple[Int, ...] | None = None
+    num_random: Int = Field(default=0, ge=0)
+    image_size: tuple[Int, Int] | None = None
+    max_len: Int = Field(default=4096, ge=1)
+    causal: StrictBool = False
+    seed: Int = Field(default=0, ge=0)
 
     @model_validator(mode="before")
     @classmethod
-    def _fill_kind_defaults(cls, data):
+    def _fill_kind_defaults(cls, data: Any) -> Any:
         if isinstance(data, dict):
             kind = data.get("kind", "window")
             for name, value in _KIND_DEFAULTS.get(kind, {}).items():
@@ -83,7 +86,7 @@ class PatternSpec(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _check_kind_fields(self) -> "PatternSpec":
+    def _check_kind_fields(self) -> PatternSpec:
         if self.kind == "official":
             if self.window < 2 or self.window % 2:
                 raise ValueError(
@@ -101,7 +104,8 @@ class PatternSpec(BaseModel):
         if self.kind == "grid":
             if self.image_size is None or len(self.image_size) != 2 or min(self.image_size) < 1:
                 raise ValueError(
-                    f"image_size must be (H, W) with H, W >= 1 for kind='grid', got {self.image_size}"
+                    f"image_size must be (H, W) with H, W >= 1 for kind='grid', got "
+                    f"{self.image_size}"
                 )
         elif self.image_size is not None:
             raise ValueError(f"image_size is only used by kind='grid', not kind={self.kind!r}")
@@ -136,13 +140,13 @@ def _check_seq_len(seq_len: int) -> int:
     return int(seq_len)
 
 
-def _unique_edges(src: np.ndarray, dst: np.ndarray, n: int) -> Tuple[np.ndarray, np.ndarray]:
+def _unique_edges(src: np.ndarray, dst: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Deduplicate and sort edges by (dst, src): each query's keys are contiguous."""
     code = np.unique(dst.astype(np.int64) * n + src.astype(np.int64))
     return code % n, code // n
 
 
-def _window_edges(n: int, window: int, dilation: int) -> Tuple[np.ndarray, np.ndarray]:
+def _window_edges(n: int, window: int, dilation: int) -> tuple[np.ndarray, np.ndarray]:
     offsets = dilation * np.arange(-window, window + 1, dtype=np.int64)
     dst = np.repeat(np.arange(n, dtype=np.int64), offsets.size)
     src = dst + np.tile(offsets, n)
@@ -152,7 +156,7 @@ def _window_edges(n: int, window: int, dilation: int) -> Tuple[np.ndarray, np.nd
 
 def _grid_edges(
     height: int, width: int, radius: int, dilation: int
-) -> Tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:
     steps = dilation * np.arange(-radius, radius + 1, dtype=np.int64)
     dy, dx = (a.ravel() for a in np.meshgrid(steps, steps, indexing="ij"))
     rows, cols = (a.ravel() for a in np.meshgrid(
@@ -165,7 +169,7 @@ def _grid_edges(
     return src, dst
 
 
-def _global_edges(n: int, positions: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def _global_edges(n: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     everyone = np.arange(n, dtype=np.int64)
     src = np.concatenate([np.repeat(positions, n), np.tile(everyone, positions.size)])
     dst = np.concatenate([np.tile(everyone, positions.size), np.repeat(positions, n)])
@@ -174,7 +178,7 @@ def _global_edges(n: int, positions: np.ndarray) -> Tuple[np.ndarray, np.ndarray
 
 def _random_edges(
     n: int, existing_code: np.ndarray, num_random: int, causal: bool, rng: np.random.Generator
-) -> Tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:
     """``num_random`` distinct new keys per query, avoiding ``existing_code`` (= dst * n + src).
 
     Queries with too few free keys get all of them. Sampling is vectorised rejection sampling;
@@ -247,7 +251,7 @@ def official_pattern(
     num_rand: int = 64,
     num_glob: int = 64,
     max_len: int = 4096,
-) -> Tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Edges ``(src, dst)`` of the authors' released pattern for a sequence of ``seq_len`` tokens.
 
     Overlapping blocks of width ``attention_window`` with stride ``attention_window / 2``; then,
@@ -261,7 +265,7 @@ def official_pattern(
     return pattern_edges(seq_len, spec)
 
 
-def pattern_edges(seq_len: int, spec: PatternSpec) -> Tuple[np.ndarray, np.ndarray]:
+def pattern_edges(seq_len: int, spec: PatternSpec) -> tuple[np.ndarray, np.ndarray]:
     """Edges ``(src, dst)`` (int64 arrays of length E) of ``spec`` for ``seq_len`` tokens.
 
     Edges are unique, include every self-loop and are sorted by ``(dst, src)``.
@@ -280,6 +284,7 @@ def pattern_edges(seq_len: int, spec: PatternSpec) -> Tuple[np.ndarray, np.ndarr
         src, dst = _unique_edges(src, dst, n)
         return _causal_filter(src, dst, spec.causal)
     if spec.kind == "grid":
+        assert spec.image_size is not None  # required for kind="grid" by the validator
         height, width = spec.image_size
         if n != height * width:
             raise ValueError(
@@ -298,7 +303,7 @@ def pattern_edges(seq_len: int, spec: PatternSpec) -> Tuple[np.ndarray, np.ndarr
     return src, dst
 
 
-def _causal_filter(src: np.ndarray, dst: np.ndarray, causal: bool) -> Tuple[np.ndarray, np.ndarray]:
+def _causal_filter(src: np.ndarray, dst: np.ndarray, causal: bool) -> tuple[np.ndarray, np.ndarray]:
     if not causal:
         return src, dst
     keep = src <= dst

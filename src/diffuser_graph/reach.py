@@ -14,13 +14,12 @@ which estimates the histogram and coverage and bounds the diameter from both sid
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components, shortest_path
 
-from .spectral import GraphLike, as_csr
+from .graph import GraphLike, as_csr
 
 EXACT_MAX_NODES = 2048
 
@@ -40,7 +39,7 @@ class ReachStats:
     coverage: dict[int, float]  # K -> fraction of pairs with dist <= K
 
     @property
-    def diameter(self) -> Optional[float]:
+    def diameter(self) -> float | None:
         """The diameter when known exactly, else None (see the two bounds)."""
         return self.diameter_lower if self.diameter_lower == self.diameter_upper else None
 
@@ -58,7 +57,7 @@ def _distances_from(adj: sp.csr_matrix, keys: np.ndarray) -> np.ndarray:
 
 
 def reach_stats(graph: GraphLike, *, max_hops: int = 8, samples: int = 64, seed: int = 0,
-                exact: Optional[bool] = None) -> ReachStats:
+                exact: bool | None = None) -> ReachStats:
     """Hop-distance histogram, K-hop coverage for K = 1..``max_hops`` and diameter bounds.
 
     ``exact=None`` measures all pairs up to ``EXACT_MAX_NODES`` nodes and samples beyond.
@@ -114,7 +113,7 @@ def _diameter_bounds(adj: sp.csr_matrix, queries: np.ndarray, to_queries: np.nda
 class Condition:
     """One universal-approximation condition: ``holds`` is None when it could not be decided."""
 
-    holds: Optional[bool]
+    holds: bool | None
     reason: str
 
 
@@ -133,7 +132,8 @@ def ua_conditions(graph: GraphLike, *, max_hops: int, samples: int = 64,
     conditions = {"self_loops": Condition(
         missing_loops.size == 0,
         "every token attends to itself" if missing_loops.size == 0 else
-        f"{missing_loops.size} token(s) do not attend to themselves, e.g. token {missing_loops[0]}")}
+        f"{missing_loops.size} token(s) do not attend to themselves, e.g. token "
+        f"{missing_loops[0]}")}
     chain = np.asarray(adj[np.arange(n - 1), np.arange(1, n)]).ravel() if n > 1 else np.ones(0)
     broken = np.flatnonzero(chain == 0)
     conditions["hamiltonian_path"] = Condition(

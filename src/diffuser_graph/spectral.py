@@ -15,39 +15,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional, Union
 
-import dgl
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
-import torch
 from scipy.sparse.csgraph import connected_components
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from .diffusion import check_diffusion_args, series_coefficients
-from .graph import to_scipy
-from .reference import diffusion_operator
-
-GraphLike = Union[dgl.DGLGraph, sp.spmatrix, sp.sparray, np.ndarray]
+from .diffusion import Diffusion
+from .graph import GraphLike, as_csr
 
 DENSE_MAX_NODES = 1500  # dense eigh below this size: exact, and faster than Lanczos
 
 
-def as_csr(graph: GraphLike) -> sp.csr_matrix:
-    """Adjacency of a DGL graph, scipy sparse matrix or dense array as CSR (``[u, v]``: u -> v)."""
-    if isinstance(graph, dgl.DGLGraph):
-        return to_scipy(graph)
-    if isinstance(graph, np.ndarray) or sp.issparse(graph):
-        if graph.ndim != 2 or graph.shape[0] != graph.shape[1]:
-            raise ValueError(f"adjacency must be a square matrix, got shape {graph.shape}")
-        return sp.csr_matrix(graph, dtype=np.float64)
-    raise ValueError(f"expected a DGLGraph, scipy sparse matrix or ndarray, got "
-                     f"{type(graph).__name__}")
-
-
 def symmetrised(graph: GraphLike) -> sp.csr_matrix:
-    """Unweighted, symmetric adjacency without self-loops: ``S = 1[A + A^T > 0]``, ``diag(S) = 0``."""
+    """Unweighted symmetric adjacency without self-loops: ``S = 1[A + A^T > 0]``, ``diag S = 0``."""
     adj = as_csr(graph)
     sym = ((abs(adj) + abs(adj).T) > 0).astype(np.float64).tolil()
     sym.setdiag(0)
@@ -188,7 +170,7 @@ def complete_graph_stats(n: int) -> SpectralStats:
         sweep_conductance=math.ceil(n / 2) / d, method="closed form")
 
 
-def eigenvalues(graph: GraphLike, k: Optional[int] = None, *, tol: float = 1e-8,
+def eigenvalues(graph: GraphLike, k: int | None = None, *, tol: float = 1e-8,
                 seed: int = 0) -> np.ndarray:
     """The ``k`` largest eigenvalues of ``P`` (all of them when ``k`` is None), descending."""
     sym = symmetrised(graph)
@@ -206,38 +188,44 @@ def eigenvalues(graph: GraphLike, k: Optional[int] = None, *, tol: float = 1e-8,
 
 # --- how diffusion maps an attention spectrum -------------------------------------------------
 
-def diffusion_eigenvalue_map(mu: np.ndarray, *, alpha: float = 0.1, hops: Optional[int] = 5,
-                             kernel: str = "ppr", t: float = 1.0) -> np.ndarray:
+def second_modulus(values: np.ndarray) -> float:
+    """The second largest ``|eigenvalue|``: how fast powers of the operator mix."""
+    return float(np.sort(np.abs(values))[-2])
+
+
+def _ppr_limit_alpha(diffusion: Diffusion) -> float:
+    if diffusion.kernel != "ppr" or diffusion.alpha == 0:
+        raise ValueError(f"infinite=True needs kernel 'ppr' with alpha > 0 (the series "
+                         f"alpha sum (1-alpha)^k A^k diverges at alpha = 0), got {diffusion!r}")
+    return diffusion.alpha
+
+
+def diffusion_eigenvalue_map(mu: np.ndarray, diffusion: Diffusion | None = None, *,
+                             infinite: bool = False) -> np.ndarray:
     """Eigenvalues of the diffused operator from eigenvalues ``mu`` of ``A`` (complex allowed).
 
-    PPR, ``hops=None`` (K = inf): ``alpha / (1 - (1-alpha) mu)``. PPR with K hops:
-    ``(1-alpha)^K mu^K + alpha sum_{i<K} (1-alpha)^i mu^i``. Heat: ``sum_{k<=K} w_k mu^k``.
+    Finite K: the polynomial ``sum_k theta_k mu^k`` of ``diffusion``'s coefficients (default
+    :class:`Diffusion`: PPR, alpha 0.1, K = 5). ``infinite=True`` (PPR only): the K -> inf limit
+    ``alpha / (1 - (1-alpha) mu)``.
     """
+    diffusion = diffusion or Diffusion()
     mu = np.asarray(mu)
-    if kernel == "ppr" and hops is None:
-        _check_ppr_limit(alpha)
+    if infinite:
+        alpha = _ppr_limit_alpha(diffusion)
         return alpha / (1.0 - (1.0 - alpha) * mu)
-    return np.polynomial.polynomial.polyval(mu, series_coefficients(alpha, hops, kernel, t))
+    return np.polynomial.polynomial.polyval(mu, diffusion.coefficients)
 
 
-def _check_ppr_limit(alpha: float) -> None:
-    check_diffusion_args(alpha, 1, "ppr", 1.0)
-    if alpha == 0:
-        raise ValueError("alpha must be > 0 for PPR with K = inf (hops=None): the series diverges")
-
-
-def diffused_operator_matrix(attn: np.ndarray, *, alpha: float = 0.1, hops: Optional[int] = 5,
-                             kernel: str = "ppr", t: float = 1.0) -> np.ndarray:
-    """The diffused operator for one row-stochastic ``attn: (N, N)``; ``hops=None``: PPR K = inf.
-
-    Finite K uses the dense reference's explicit matrix series.
-    """
-    if kernel == "ppr" and hops is None:
-        _check_ppr_limit(alpha)
+def diffused_operator_matrix(attn: np.ndarray, diffusion: Diffusion | None = None, *,
+                             infinite: bool = False) -> np.ndarray:
+    """The diffused operator ``sum_k theta_k A^k`` of one row-stochastic ``attn: (N, N)``;
+    ``infinite=True`` (PPR only): ``alpha (I - (1-alpha) A)^-1``."""
+    diffusion = diffusion or Diffusion()
+    attn = np.asarray(attn, dtype=np.float64)
+    if infinite:
+        alpha = _ppr_limit_alpha(diffusion)
         return alpha * np.linalg.inv(np.eye(attn.shape[0]) - (1.0 - alpha) * attn)
-    operator = diffusion_operator(torch.from_numpy(np.asarray(attn, dtype=np.float64)),
-                                  alpha=alpha, hops=hops, kernel=kernel, t=t)
-    return operator.numpy()
+    return diffusion.apply(lambda z: attn @ z, np.eye(attn.shape[0]))
 
 
 def check_row_stochastic(attn: np.ndarray, atol: float = 1e-8) -> np.ndarray:
@@ -245,6 +233,8 @@ def check_row_stochastic(attn: np.ndarray, atol: float = 1e-8) -> np.ndarray:
     attn = np.asarray(attn, dtype=np.float64)
     if attn.ndim != 2 or attn.shape[0] != attn.shape[1] or attn.shape[0] == 0:
         raise ValueError(f"attention matrix must be square (N, N) with N >= 1, got {attn.shape}")
+    if not np.isfinite(attn).all():
+        raise ValueError("attention matrix has NaN or infinite entries")
     if np.any(attn < -atol) or not np.allclose(attn.sum(axis=1), 1.0, atol=atol):
         raise ValueError("attention matrix must be non-negative with rows summing to 1")
     return attn
@@ -257,10 +247,11 @@ def diffused_spectrum(attn: np.ndarray, *, alpha: float = 0.1, hops: int = 5,
     Keys: ``"A"``, ``"ppr"`` (K = ``hops``), ``"ppr_inf"`` (K = inf), ``"heat"`` (K = ``hops``).
     """
     attn = check_row_stochastic(attn)
+    ppr = Diffusion(alpha=alpha, hops=hops)
     operators = {
-        "ppr": diffused_operator_matrix(attn, alpha=alpha, hops=hops, kernel="ppr"),
-        "ppr_inf": diffused_operator_matrix(attn, alpha=alpha, hops=None, kernel="ppr"),
-        "heat": diffused_operator_matrix(attn, hops=hops, kernel="heat", t=t),
+        "ppr": diffused_operator_matrix(attn, ppr),
+        "ppr_inf": diffused_operator_matrix(attn, ppr, infinite=True),
+        "heat": diffused_operator_matrix(attn, Diffusion(kernel="heat", hops=hops, t=t)),
     }
     return {"A": np.linalg.eigvals(attn),
             **{name: np.linalg.eigvals(matrix) for name, matrix in operators.items()}}

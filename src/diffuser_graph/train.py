@@ -1,4 +1,4 @@
-"""Config-driven training: AdamW, warmup + cosine, checkpoints, exact resume, DDP.
+"""Config-driven training: AdamW, warmup + cosine, checkpoints, exact resume, any device, DDP.
 
 ``train(config)`` runs one :class:`RunConfig` into ``config.out_dir``:
 
@@ -9,11 +9,13 @@
   unigram bits per character).
 - The task's ``head`` picks the model: sequence classification, two-tower matching or a causal
   language model (scored per token, with bits per character).
+- ``train.device`` (``auto``: CUDA when present) and ``train.precision`` (``fp32`` or ``bf16``
+  autocast) choose where and how it computes; checkpoints load on any device.
 - Batches follow a fixed order derived from ``seed`` (a fresh permutation per epoch), and
   checkpoints hold the optimizer, scheduler and RNG states, so ``resume=True`` continues exactly
   where ``last.pt`` stopped: the weights after resuming equal those of an uninterrupted run.
-- Under ``torchrun`` (``WORLD_SIZE > 1``) it trains with DistributedDataParallel on the gloo
-  backend: each global batch is split evenly across processes, so the result matches
+- Under ``torchrun`` (``WORLD_SIZE > 1``) it trains with DistributedDataParallel (NCCL on CUDA,
+  gloo on the CPU): each global batch is split evenly across processes, so the result matches
   single-process training with the same global batch; rank 0 writes every file.
 """
 
@@ -22,75 +24,135 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
-from contextlib import nullcontext
+import re
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm import tqdm
 
-from .config import ConfigError, atomic_write_text, dump_config
-from .model import (IGNORE_INDEX, DiffuserConfig, DiffuserForCausalLM, DiffuserForMatching,
-                    DiffuserForSequenceClassification)
-from .tasks import Split, TaskConfig, TaskData, collate, load_task
+from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from .checks import Float, Int
+from .config import ConfigError, dump_config
+from .io import atomic_save_figure, atomic_write_text
+from .model import (
+    DiffuserConfig,
+    DiffuserForCausalLM,
+    DiffuserForMatching,
+    DiffuserForSequenceClassification,
+    PretrainedModel,
+)
+from .tasks import IGNORE_INDEX, AnySplit, TaskConfig, TaskData, collate, load_task
+from .visualize import plot_curves
 
-MODELS = {"classification": DiffuserForSequenceClassification, "matching": DiffuserForMatching,
-          "lm": DiffuserForCausalLM}
+MODELS: dict[str, type[PretrainedModel]] = {
+    "classification": DiffuserForSequenceClassification, "matching": DiffuserForMatching,
+    "lm": DiffuserForCausalLM}
 
 
 class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    batch_size: int = Field(default=32, ge=1)  # global examples per micro-batch
-    grad_accum: int = Field(default=1, ge=1)  # micro-batches per optimizer step
-    lr: float = Field(default=1e-3, gt=0)
-    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)  # cosine decays to lr * this
-    weight_decay: float = Field(default=0.01, ge=0)
-    warmup_steps: int = Field(default=100, ge=0)
-    max_steps: int = Field(default=1000, ge=1)
-    grad_clip: float = Field(default=1.0, ge=0)  # 0: no clipping
-    eval_every: int = Field(default=200, ge=1)
-    log_every: int = Field(default=20, ge=1)
-    eval_batch_size: int = Field(default=64, ge=1)
-    threads: Optional[int] = Field(default=None, ge=1)  # torch intra-op threads per process
+    batch_size: Int = Field(default=32, ge=1)  # global examples per micro-batch
+    grad_accum: Int = Field(default=1, ge=1)  # micro-batches per optimizer step
+    lr: Float = Field(default=1e-3, gt=0)
+    min_lr_ratio: Float = Field(default=0.1, ge=0, le=1)  # cosine decays to lr * this
+    weight_decay: Float = Field(default=0.01, ge=0)
+    warmup_steps: Int = Field(default=100, ge=0)
+    max_steps: Int = Field(default=1000, ge=1)
+    grad_clip: Float = Field(default=1.0, ge=0)  # 0: no clipping
+    eval_every: Int = Field(default=200, ge=1)
+    log_every: Int = Field(default=20, ge=1)
+    eval_batch_size: Int = Field(default=64, ge=1)
+    threads: Int | None = Field(default=None, ge=1)  # torch intra-op threads per process
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda or cuda:N
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast matmuls to bfloat16
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
 
 
 class RunConfig(BaseModel):
     """Everything one training run needs; what ``configs/*.yaml`` files hold."""
 
     model_config = ConfigDict(extra="forbid")
-    seed: int = Field(default=0, ge=0)
+    seed: Int = Field(default=0, ge=0)
     out_dir: str = "runs/run"
     task: TaskConfig
     model: DiffuserConfig = DiffuserConfig()
     train: TrainSettings = TrainSettings()
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable or from another run."""
+# --- where and how it runs ---------------------------------------------------------------------
+
+def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
+    """``train.device`` as a torch device; ``auto`` is this process's GPU when there is one."""
+    if setting == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else (
+            torch.device("cpu"))
+    device = torch.device(setting)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device is {setting!r} but torch finds no CUDA device; "
+                              f"use 'cpu' or 'auto'")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device is {setting!r} but there are only "
+                              f"{torch.cuda.device_count()} CUDA devices")
+    return device
 
 
-# --- distributed ----------------------------------------------------------------------------
-
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); initialises the gloo process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-    return (dist.get_rank(), world) if world > 1 else (0, 1)
+def autocast(device: torch.device, precision: str) -> AbstractContextManager[Any]:
+    """bfloat16 autocast for ``precision="bf16"`` (CPU or CUDA); nothing for ``fp32``."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
+@dataclass(frozen=True)
+class Runtime:
+    """This process: its rank among ``world`` processes, its device and precision."""
+
+    rank: int
+    world: int
+    device: torch.device
+    precision: str
+
+    @classmethod
+    def start(cls, settings: TrainSettings) -> Runtime:
+        """Set threads, pick the device, and join the process group under torchrun."""
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        device = resolve_device(settings.device, int(os.environ.get("LOCAL_RANK", "0")))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            if settings.precision == "bf16" and not torch.cuda.is_bf16_supported():
+                raise ConfigError(f"train.precision is bf16 but {device} does not support it")
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank() if world > 1 else 0, world, device, settings.precision)
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        return autocast(self.device, self.precision)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
 
 
 # --- pieces -----------------------------------------------------------------------------------
 
-def build_model(config: DiffuserConfig, data: TaskData) -> torch.nn.Module:
+def build_model(config: DiffuserConfig, data: TaskData) -> PretrainedModel:
     try:
         return MODELS[data.head](config)
     except ValueError as err:
@@ -126,7 +188,7 @@ class BatchOrder:
                               f"set ({size} examples)")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.per_epoch = size // batch_size  # the last incomplete batch is dropped
-        self._epoch, self._order = -1, None
+        self._epoch, self._order = -1, np.zeros(0, dtype=np.int64)
 
     def indices(self, k: int) -> np.ndarray:
         epoch, position = divmod(k, self.per_epoch)
@@ -136,18 +198,33 @@ class BatchOrder:
         return self._order[position * self.batch_size:(position + 1) * self.batch_size]
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in batch.items()}
+
+
 def scored(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
     """(correct predictions, predictions scored): one per example, or one per real token."""
     counted = labels != IGNORE_INDEX
     return int(((logits.argmax(-1) == labels) & counted).sum()), int(counted.sum())
 
 
-def summary(total_loss: float, correct: int, count: int, head: str) -> dict:
-    """Mean loss and accuracy per scored prediction; bits per character for language models."""
-    metrics = {"loss": total_loss / count, "accuracy": correct / count}
-    if head == "lm":
-        metrics["bits_per_char"] = metrics["loss"] / math.log(2)
-    return metrics
+class Meter:
+    """Running loss and accuracy over scored predictions (examples, or tokens for an LM)."""
+
+    def __init__(self) -> None:
+        self.loss, self.correct, self.seen = 0.0, 0, 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        right, seen = scored(logits, labels)
+        self.loss, self.correct, self.seen = (self.loss + float(loss) * seen,
+                                              self.correct + right, self.seen + seen)
+
+    def summary(self, head: str) -> dict[str, float]:
+        """Mean loss and accuracy; bits per character for language models."""
+        metrics = {"loss": self.loss / self.seen, "accuracy": self.correct / self.seen}
+        if head == "lm":
+            metrics["bits_per_char"] = metrics["loss"] / math.log(2)
+        return metrics
 
 
 def score(metrics: dict, head: str) -> float:
@@ -156,102 +233,80 @@ def score(metrics: dict, head: str) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, split: Split, batch_size: int,
-             head: str = "classification") -> dict:
-    """Mean cross-entropy and accuracy of ``model`` on ``split`` (eval mode, in order), per
-    example or, for language models, per predicted token (with bits per character)."""
+def evaluate(model: torch.nn.Module, split: AnySplit, batch_size: int,
+             head: str = "classification", precision: str = "fp32") -> dict:
+    """Mean cross-entropy and accuracy of ``model`` on ``split`` (eval mode, in order, on the
+    model's device), per example or, for language models, per predicted token."""
     was_training = model.training
     model.eval()
-    total_loss, correct, count = 0.0, 0, 0
+    device = next(model.parameters()).device
+    meter = Meter()
     for start in range(0, len(split), batch_size):
-        batch = collate(split, range(start, min(start + batch_size, len(split))))
-        loss, logits = model(**batch)
-        right, seen = scored(logits, batch["labels"])
-        total_loss, correct, count = total_loss + float(loss) * seen, correct + right, count + seen
+        batch = to_device(collate(split, range(start, min(start + batch_size, len(split)))),
+                          device)
+        with autocast(device, precision):
+            loss, logits = model(**batch)
+        meter.add(loss, logits, batch["labels"])
     model.train(was_training)
-    return {**summary(total_loss, correct, count, head), "n": len(split)}
-
-
-def save_checkpoint(path: Path, **state) -> None:
-    """Write atomically: a crash leaves the previous checkpoint intact."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as err:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint: {err}") from None
-    if not isinstance(state, dict) or not {"model", "model_config", "step"} <= set(state):
-        raise CheckpointError(f"checkpoint {path} lacks model weights, model_config or step")
-    return state
-
-
-def model_from_checkpoint(state: dict, data: TaskData) -> torch.nn.Module:
-    config = DiffuserConfig.model_validate(json.loads(state["model_config"]))
-    if (config.vocab_size, config.num_labels) != (data.vocab_size, data.num_labels):
-        raise CheckpointError(
-            f"checkpoint was trained for vocab_size={config.vocab_size}, "
-            f"num_labels={config.num_labels}; this task has {data.vocab_size}, {data.num_labels}")
-    model = build_model(config, data)
-    model.load_state_dict(state["model"])
-    return model
-
-
-def _append_metrics(path: Path, record: dict) -> None:
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    return {**meter.summary(head), "n": len(split)}
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a torn last line (a kill mid-write) is skipped."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                break  # written only in part when the process died
+            raise ValueError(f"{path}:{number}: not a JSON record ({err.msg})") from None
+    return records
 
 
-def plot_curves(records: list[dict]):
-    """Figure of training/validation loss and accuracy against step (``metrics.jsonl``)."""
-    from matplotlib.figure import Figure
+class RunFolder:
+    """The files of one run: resolved config, metrics, curves, checkpoints and results."""
 
-    train = [r for r in records if r["split"] == "train"]
-    val = [r for r in records if r["split"] == "val"]
-    fig = Figure(figsize=(11, 4))
-    for ax, key, label in zip(fig.subplots(1, 2), ("loss", "accuracy"),
-                              ("cross-entropy", "accuracy")):
-        ax.plot([r["step"] for r in train], [r[key] for r in train], label="train")
-        ax.plot([r["step"] for r in val], [r[key] for r in val], marker="o", label="val")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(label)
-        ax.set_title(key.capitalize())
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    return fig
+    def __init__(self, out_dir: str | Path) -> None:
+        self.path = Path(out_dir)
+        self.last, self.best = self.path / "last.pt", self.path / "best.pt"
+        self.metrics, self.results = self.path / "metrics.jsonl", self.path / "results.json"
 
+    def start(self, config: RunConfig, model_config: DiffuserConfig, kept_until: int) -> None:
+        """Write the resolved config and keep only the metrics up to step ``kept_until`` (the
+        checkpoint resumed from; 0 for a fresh run)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / "config.yaml",
+                          dump_config(config.model_copy(update={"model": model_config})))
+        kept = [r for r in read_metrics(self.metrics) if r["step"] <= kept_until]
+        atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in kept))
 
-def save_figure(fig, path: Path) -> None:
-    """``fig.savefig`` through a temporary file, so a reader never sees half a PNG."""
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(temporary, dpi=100)
-    os.replace(temporary, path)
+    def log(self, record: dict) -> None:
+        with self.metrics.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def plot(self) -> None:
+        atomic_save_figure(self.path / "curves.png", plot_curves(
+            read_metrics(self.metrics)), dpi=100)
 
 
 # --- the loop ---------------------------------------------------------------------------------
 
-def _prepare(config: RunConfig) -> tuple[TaskData, DiffuserConfig]:
+def prepare(config: RunConfig) -> tuple[TaskData, DiffuserConfig]:
+    """The task's data and the model config resolved and checked against it."""
     data = load_task(config.task, config.seed)
     try:
         model_config = config.model.resolved(data.vocab_size, data.num_labels)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     pattern = model_config.pattern
-    if pattern.kind == "grid" and tuple(pattern.image_size) != tuple(data.image_size or ()):
+    if pattern.kind == "grid" and tuple(pattern.image_size or ()) != tuple(data.image_size or ()):
         raise ConfigError(f"model.pattern.image_size is {pattern.image_size} but the task's "
                           f"sequences are {data.image_size or 'not images'}")
     longest = max(split.max_length() for _, split in data.splits())
@@ -261,122 +316,130 @@ def _prepare(config: RunConfig) -> tuple[TaskData, DiffuserConfig]:
     return data, model_config
 
 
-def train(config: RunConfig, *, resume: bool = False, stop_after: Optional[int] = None,
+def _checkpoint(path: Path, model: PretrainedModel, optimizer: torch.optim.Optimizer,
+                scheduler: Any, step: int, best_score: float, config: RunConfig) -> None:
+    rng = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda_rng"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
+    save_checkpoint(path, model, step, optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), best_score=best_score,
+                    run_config=config.model_dump_json(), **rng)
+
+
+def _restore(folder: RunFolder, config: RunConfig, model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, float]:
+    """Load ``last.pt`` into the model, optimizer, scheduler and RNGs; (step, best score)."""
+    state = load_checkpoint(folder.last)
+    saved = RunConfig.model_validate_json(state["run_config"])
+    if saved.model_dump(exclude={"train": {"max_steps"}}) != config.model_dump(
+            exclude={"train": {"max_steps"}}):
+        raise ConfigError(f"the config differs from the one {folder.path} was started with "
+                          f"(only train.max_steps may change on resume); see "
+                          f"{folder.path / 'config.yaml'}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    best = state.get("best_score", state.get("best_accuracy", -math.inf))  # older runs: accuracy
+    return int(state["step"]), float(best)
+
+
+def train(config: RunConfig, *, resume: bool = False, stop_after: int | None = None,
           progress: bool = True) -> dict:
     """Train ``config``; returns the final metrics. ``stop_after``: stop (with a checkpoint)
     after that many optimizer steps, as a preemption would; ``resume`` continues from
     ``last.pt`` in ``config.out_dir``."""
-    rank, world = _distributed()
-    settings = config.train
-    if settings.batch_size % world:
+    # -- setup: processes, device, precision, run folder
+    run = Runtime.start(config.train)
+    settings, folder = config.train, RunFolder(config.out_dir)
+    if settings.batch_size % run.world:
         raise ConfigError(f"train.batch_size ({settings.batch_size}) must be divisible by the "
-                          f"number of processes ({world})")
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    out = Path(config.out_dir)
-    last_path, best_path, metrics_path = out / "last.pt", out / "best.pt", out / "metrics.jsonl"
-    if not resume and last_path.exists():
-        raise ConfigError(f"{out} already holds a run (last.pt); pass --resume to continue it "
-                          f"or choose another out_dir")
+                          f"number of processes ({run.world})")
+    if not resume and folder.last.exists():
+        raise ConfigError(f"{folder.path} already holds a run (last.pt); pass --resume to "
+                          f"continue it or choose another out_dir")
 
+    # -- data, model, optimizer: seeded, so every process builds the same
     torch.manual_seed(config.seed)
-    data, model_config = _prepare(config)
-    model = build_model(model_config, data)
+    data, model_config = prepare(config)
+    model = build_model(model_config, data).to(run.device)
     optimizer = make_optimizer(model, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
     start_step, best_score = 0, -math.inf
     if resume:
-        state = load_checkpoint(last_path)
-        saved = RunConfig.model_validate(json.loads(state["run_config"]))
-        if saved.model_dump(exclude={"train": {"max_steps"}}) != config.model_dump(
-                exclude={"train": {"max_steps"}}):
-            raise ConfigError(f"the config differs from the one {out} was started with (only "
-                              f"train.max_steps may change on resume); see {out / 'config.yaml'}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        start_step = int(state["step"])
-        best_score = float(state.get("best_score", state.get("best_accuracy")))  # older runs
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", dump_config(config.model_copy(
-            update={"model": model_config})))
-        if resume:  # records after the checkpoint belong to the lost part of the run
-            kept = [r for r in read_metrics(metrics_path) if r["step"] <= start_step]
-            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        start_step, best_score = _restore(folder, config, model, optimizer, scheduler)
+    if run.rank == 0:
+        folder.start(config, model_config, kept_until=start_step)
+    net = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[run.device.index] if run.device.type == "cuda" else None
+    ) if run.world > 1 else model
     order = BatchOrder(len(data.train), settings.batch_size, config.seed)
     model.train()
 
-    def checkpoint(step: int, path: Path) -> None:
-        save_checkpoint(path, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), rng=torch.get_rng_state(), step=step,
-                        best_score=best_score, model_config=model_config.model_dump_json(),
-                        run_config=config.model_dump_json())
-
+    # -- the loop: accumulate micro-batches, step, log, evaluate and checkpoint
     end = min(settings.max_steps, stop_after) if stop_after else settings.max_steps
-    bar = tqdm(range(start_step + 1, end + 1), desc="train", disable=not progress or rank != 0,
-               initial=start_step, total=end)
-    window_loss, window_correct, window_seen = 0.0, 0, 0
+    bar = tqdm(range(start_step + 1, end + 1), desc="train", initial=start_step, total=end,
+               disable=not progress or run.rank != 0)
+    meter = Meter()
     for step in bar:
         for micro in range(settings.grad_accum):
             indices = order.indices((step - 1) * settings.grad_accum + micro)
-            batch = collate(data.train, indices[rank::world])
-            sync = world == 1 or micro == settings.grad_accum - 1
-            with nullcontext() if sync else net.no_sync():
-                loss, logits = net(**batch)
+            batch = to_device(collate(data.train, indices[run.rank::run.world]), run.device)
+            last_micro = micro == settings.grad_accum - 1
+            with nullcontext() if run.world == 1 or last_micro else net.no_sync():
+                with run.autocast():
+                    loss, logits = net(**batch)
                 (loss / settings.grad_accum).backward()
-            right, seen = scored(logits, batch["labels"])
-            window_loss += float(loss) * seen
-            window_correct, window_seen = window_correct + right, window_seen + seen
+            meter.add(loss, logits, batch["labels"])
         if settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        if rank == 0 and (step % settings.log_every == 0 or step == end):
-            record = {"step": step, "split": "train",
-                      **summary(window_loss, window_correct, window_seen, data.head),
+        if run.rank == 0 and (step % settings.log_every == 0 or step == end):
+            record = {"step": step, "split": "train", **meter.summary(data.head),
                       "lr": scheduler.get_last_lr()[0]}
-            _append_metrics(metrics_path, record)
+            folder.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
-            window_loss, window_correct, window_seen = 0.0, 0, 0
+            meter = Meter()
         if step % settings.eval_every == 0 or step == end:
-            if rank == 0:
-                val = evaluate(model, data.val, settings.eval_batch_size, data.head)
-                _append_metrics(metrics_path, {"step": step, "split": "val", **val})
+            if run.rank == 0:
+                val = evaluate(model, data.val, settings.eval_batch_size, data.head,
+                               run.precision)
+                folder.log({"step": step, "split": "val", **val})
                 if score(val, data.head) > best_score:
                     best_score = score(val, data.head)
-                    checkpoint(step, best_path)
-                checkpoint(step, last_path)
-                save_figure(plot_curves(read_metrics(metrics_path)), out / "curves.png")
-            _barrier(world)
+                    _checkpoint(folder.best, model, optimizer, scheduler, step, best_score, config)
+                _checkpoint(folder.last, model, optimizer, scheduler, step, best_score, config)
+                folder.plot()
+            run.barrier()
     bar.close()
     if end < settings.max_steps:
         return {"stopped_at": end}
-    return finish(config, data, rank, world)
+    return finish(config, data, run)
 
 
-def finish(config: RunConfig, data: TaskData, rank: int = 0, world: int = 1) -> dict:
+def finish(config: RunConfig, data: TaskData, run: Runtime) -> dict:
     """Evaluate the best checkpoint on val and test; write and print ``results.json``."""
     results: dict = {}
-    if rank == 0:
-        out = Path(config.out_dir)
-        state = load_checkpoint(out / "best.pt")
-        model = model_from_checkpoint(state, data)
+    if run.rank == 0:
+        folder = RunFolder(config.out_dir)
+        state = load_checkpoint(folder.best)
+        model = model_from_checkpoint(state, MODELS[data.head], run.device)
         results = {"best_step": int(state["step"]), **split_results(model, data, config)}
-        atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+        atomic_write_text(folder.results, json.dumps(results, indent=1))
         print(results_table(results))
-    _barrier(world)
+    run.barrier()
     return results
 
 
 def split_results(model: torch.nn.Module, data: TaskData, config: RunConfig) -> dict:
     """Val and test metrics of ``model`` next to the input-blind baseline, and the data source."""
     results = {split: {**evaluate(model, getattr(data, split), config.train.eval_batch_size,
-                                  data.head), **data.baseline(split)}
+                                  data.head, config.train.precision), **data.baseline(split)}
                for split in ("val", "test")}
     return {**results, "data": data.source} if data.source else results
 
@@ -396,12 +459,24 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def model_for_task(state: dict, data: TaskData, device: torch.device | None = None
+                   ) -> PretrainedModel:
+    """The checkpoint's model, refused unless it was trained for this task's head and sizes."""
+    model = model_from_checkpoint(state, MODELS[data.head], device)
+    config = model.config
+    if (config.vocab_size, config.num_labels) != (data.vocab_size, data.num_labels):
+        raise CheckpointError(
+            f"checkpoint was trained for vocab_size={config.vocab_size}, "
+            f"num_labels={config.num_labels}; this task has {data.vocab_size}, {data.num_labels}")
+    return model
+
+
 def evaluate_checkpoint(config: RunConfig, checkpoint: str | Path,
-                        out: Optional[str | Path] = None) -> dict:
+                        out: str | Path | None = None) -> dict:
     """Test (and val) metrics of a checkpoint on ``config``'s task; writes ``eval.json``."""
     state = load_checkpoint(checkpoint)
     data = load_task(config.task, config.seed)
-    model = model_from_checkpoint(state, data)
+    model = model_for_task(state, data, resolve_device(config.train.device))
     results = {"checkpoint": str(checkpoint), "step": int(state["step"]),
                **split_results(model, data, config)}
     target = Path(out) if out else Path(checkpoint).with_name("eval.json")

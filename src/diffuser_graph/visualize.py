@@ -1,18 +1,25 @@
-"""Pictures of patterns: adjacency matrices, degree histograms and K-hop receptive fields.
+"""Every figure of the package: patterns, training curves, task examples and spectra.
 
-All drawings are query-major (row = query, column = key) and take a matplotlib ``Axes``, so
-notebooks and the ``pattern`` command share them. Large patterns are drawn as block densities
+``draw_*`` functions draw into a matplotlib ``Axes`` (notebooks compose them); ``plot_*``
+functions return a whole :class:`~matplotlib.figure.Figure` (not tied to pyplot, so scripts and
+tests need no display); save one with :func:`diffuser_graph.io.atomic_save_figure`. Pattern
+drawings are query-major (row = query, column = key); large patterns are drawn as block densities
 (the fraction of present edges in each block of tokens) so that a picture stays readable.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import math
 
 import dgl
 import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
+from .diffusion import Diffusion
+from .patterns import PatternSpec
 from .reach import khop_receptive_field
+from .spectral import diffusion_eigenvalue_map, second_modulus
 
 
 def adjacency_density(g: dgl.DGLGraph, max_pixels: int = 512) -> tuple[np.ndarray, int]:
@@ -26,7 +33,7 @@ def adjacency_density(g: dgl.DGLGraph, max_pixels: int = 512) -> tuple[np.ndarra
     return counts.reshape(cells, cells) / np.outer(sizes, sizes), block
 
 
-def draw_adjacency(ax, g: dgl.DGLGraph, title: Optional[str] = None, max_pixels: int = 512):
+def draw_adjacency(ax, g: dgl.DGLGraph, title: str | None = None, max_pixels: int = 512):
     """Adjacency (query rows, key columns) as an image; returns the matplotlib image."""
     density, block = adjacency_density(g, max_pixels)
     n = g.num_nodes()
@@ -39,7 +46,7 @@ def draw_adjacency(ax, g: dgl.DGLGraph, title: Optional[str] = None, max_pixels:
     return image
 
 
-def draw_degree_histogram(ax, g: dgl.DGLGraph, title: Optional[str] = None) -> None:
+def draw_degree_histogram(ax, g: dgl.DGLGraph, title: str | None = None) -> None:
     """Histogram of keys per query (in-degree)."""
     degree = g.in_degrees().numpy()
     ax.hist(degree, bins=min(50, max(5, len(np.unique(degree)))), color="tab:blue")
@@ -51,18 +58,18 @@ def draw_degree_histogram(ax, g: dgl.DGLGraph, title: Optional[str] = None) -> N
 
 
 def draw_receptive_field(ax, g: dgl.DGLGraph, query: int, hops: int,
-                         image_size: Optional[tuple[int, int]] = None) -> None:
+                         image_size: tuple[int, int] | None = None) -> None:
     """Hops needed for each key to reach ``query`` (up to ``hops``); grey: out of reach.
 
     1-D sequences are drawn as a strip of tokens, 2-D grids (``image_size``) as an image.
     """
-    import matplotlib.pyplot as plt
+    from matplotlib import colormaps
     from matplotlib.colors import BoundaryNorm
 
     distance = khop_receptive_field(g, query, hops).astype(float)
     distance[distance > hops] = np.nan
     shape = image_size if image_size is not None else (1, g.num_nodes())
-    cmap = plt.get_cmap("viridis", hops + 1).with_extremes(bad="lightgrey")
+    cmap = colormaps["viridis"].resampled(hops + 1).with_extremes(bad="lightgrey")
     norm = BoundaryNorm(np.arange(-0.5, hops + 1.5), hops + 1)
     image = ax.imshow(distance.reshape(shape), cmap=cmap, norm=norm, aspect="auto",
                       interpolation="nearest")
@@ -76,13 +83,153 @@ def draw_receptive_field(ax, g: dgl.DGLGraph, query: int, hops: int,
                  f"{g.num_nodes()} tokens", fontsize=9)
 
 
-def draw_image_examples(fig, images: list[np.ndarray], titles: list[str],
-                        columns: int = 8) -> None:
-    """Grey-level ``(H, W)`` images in a grid of ``columns``, each titled (e.g. its label)."""
-    rows = int(np.ceil(len(images) / columns))
-    for index, (image, title) in enumerate(zip(images, titles)):
+def plot_pattern(g: dgl.DGLGraph, spec: PatternSpec, query: int, hops: int) -> Figure:
+    """Adjacency, keys per query and the ``hops``-hop receptive field of ``query`` (the
+    ``pattern`` command's picture)."""
+    fig = Figure(figsize=(13, 4.6))
+    grid = fig.add_gridspec(1, 3, width_ratios=[1.1, 1, 1.3])
+    draw_adjacency(fig.add_subplot(grid[0]), g)
+    draw_degree_histogram(fig.add_subplot(grid[1]), g)
+    draw_receptive_field(fig.add_subplot(grid[2]), g, query, hops,
+                         spec.image_size if spec.kind == "grid" else None)
+    fig.suptitle(f"{spec.kind} pattern {spec.model_dump(exclude_defaults=True)}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_image_examples(images: list[np.ndarray], titles: list[str], title: str = "",
+                        columns: int = 8) -> Figure:
+    """Grey-level ``(H, W)`` images in a grid of up to ``columns``, each titled (e.g. its label)."""
+    columns = max(1, min(columns, len(images)))
+    rows = math.ceil(len(images) / columns)
+    fig = Figure(figsize=(1.6 * columns, 0.4 + 2.0 * rows))
+    for index, (image, name) in enumerate(zip(images, titles, strict=True)):
         ax = fig.add_subplot(rows, columns, index + 1)
         ax.imshow(image, cmap="gray", vmin=0, interpolation="nearest")
-        ax.set_title(title, fontsize=8)
+        ax.set_title(name, fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(records: list[dict]) -> Figure:
+    """Training/validation loss and accuracy against step (the records of ``metrics.jsonl``)."""
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    fig = Figure(figsize=(11, 4))
+    for ax, key, label in zip(fig.subplots(1, 2), ("loss", "accuracy"),
+                              ("cross-entropy", "accuracy"), strict=True):
+        ax.plot([r["step"] for r in train], [r[key] for r in train], label="train")
+        ax.plot([r["step"] for r in val], [r[key] for r in val], marker="o", label="val")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(label)
+        ax.set_title(key.capitalize())
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+# --- spectra (the spectral command and notebook 02) ---------------------------------------------
+
+def plot_gap_vs_length(frame: pd.DataFrame) -> Figure:
+    """Spectral gap ``1 - l2`` against length, one line per variant (log-log)."""
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for variant, part in frame.groupby("variant", sort=False):
+        ax.plot(part["n"], part["one_sided_gap"].clip(lower=1e-7), marker="o", label=variant)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length n (tokens)")
+    ax.set_ylabel("spectral gap 1 - λ2 (log)")
+    ax.set_title("Spectral gap of attention patterns vs sequence length")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_coverage(frame: pd.DataFrame, hops: int) -> Figure:
+    """K-hop coverage curves of every variant at the longest length in ``frame``."""
+    longest = frame[frame["n"] == frame["n"].max()]
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    ks = list(range(1, hops + 1))
+    for _, row in longest.iterrows():
+        ax.plot(ks, [row[f"coverage_{k}"] for k in ks], marker="o", label=row["variant"])
+    ax.set_xlabel("diffusion hops K")
+    ax.set_ylabel("fraction of (query, key) pairs within K hops")
+    ax.set_title(f"K-hop coverage at n = {int(longest['n'].iloc[0])}")
+    ax.set_ylim(0, 1.05)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_eigenvalue_histograms(spectra: dict[str, np.ndarray], n: int,
+                               mean_degrees: dict[str, float] | None = None) -> Figure:
+    """Histogram of the eigenvalues of ``P`` per variant (descending arrays), marking ``l2``
+    and, where ``mean_degrees`` gives d, the Ramanujan band ``±2 sqrt(d-1)/d``."""
+    names = list(spectra)
+    mean_degrees = mean_degrees or {}
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, name in zip(axes.ravel(), names, strict=False):  # spare axes are blanked below
+        values = spectra[name]
+        ax.hist(values, bins=60, range=(-1, 1), color="tab:blue")
+        ax.axvline(values[1], color="tab:red", linestyle="--", label=f"λ2 = {values[1]:.3f}")
+        if name in mean_degrees:
+            d = mean_degrees[name]
+            bound = 2 * math.sqrt(d - 1) / d
+            ax.axvspan(-bound, bound, color="tab:green", alpha=0.15,
+                       label=f"Ramanujan ±{bound:.3f} (d = {d:.0f})")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("eigenvalue of D^-1/2 S D^-1/2")
+        ax.set_ylabel("count")
+        ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"Eigenvalue histograms of the normalised pattern adjacency (n = {n})")
+    fig.tight_layout()
+    return fig
+
+
+def plot_diffusion_spectrum(spectra: dict[str, np.ndarray], *, alpha: float, hops: int, t: float,
+                            seq_len: int) -> Figure:
+    """Eigenvalues of one attention layer before/after diffusion (``spectra`` as returned by
+    :func:`~diffuser_graph.spectral.diffused_spectrum` with ``alpha``, ``hops``, ``t``), and the
+    low-pass maps of PPR and heat diffusion on eigenvalues."""
+    fig = Figure(figsize=(11, 4.5))
+    left, right = fig.subplots(1, 2)
+    for name, marker in (("A", "o"), ("ppr", "x"), ("ppr_inf", "+"), ("heat", ".")):
+        values = spectra[name]
+        left.scatter(values.real, values.imag, s=10, marker=marker,
+                     label=f"{name} (|μ2| = {second_modulus(values):.3f})")
+    theta = np.linspace(0, 2 * np.pi, 200)
+    left.plot(np.cos(theta), np.sin(theta), linestyle=":", color="grey")
+    left.set_aspect("equal")
+    left.set_xlabel("Re μ")
+    left.set_ylabel("Im μ")
+    left.set_title(f"Eigenvalues of one random attention layer (n = {seq_len})")
+    left.legend(fontsize=7, loc="lower left")
+    mu = np.linspace(-1, 1, 400)
+    ppr = Diffusion(alpha=alpha, hops=hops)
+    right.plot(mu, mu, color="grey", linestyle=":", label="identity (no diffusion)")
+    right.plot(mu, diffusion_eigenvalue_map(mu, ppr, infinite=True),
+               label=f"PPR, K = inf: α/(1-(1-α)μ), α = {alpha}")
+    right.plot(mu, diffusion_eigenvalue_map(mu, ppr), label=f"PPR, K = {hops} (truncated series)")
+    right.plot(mu, diffusion_eigenvalue_map(mu, Diffusion(kernel="heat", hops=hops, t=t)),
+               label=f"heat, t = {t}, K = {hops}")
+    right.set_xlabel("eigenvalue μ of A")
+    right.set_ylabel("eigenvalue of the diffused operator")
+    right.set_title("Low-pass map of diffusion on eigenvalues")
+    right.grid(True, alpha=0.3)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -4,12 +4,13 @@
 dispatches to the task's ``load(config, seed)``.
 """
 
-from typing import Annotated, Union
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from pydantic import Field
 
 from . import image, listops, lm, multihop, pathfinder, retrieval, text
-from .base import CLS_ID, PAD_ID, DataError, Split, TaskData, collate, pad
+from .base import AnySplit, DataError, Split, TaskData, TokenSplit, collate, pad
 from .image import ImageTask
 from .listops import ListOpsTask
 from .lm import LMTask
@@ -17,14 +18,16 @@ from .multihop import MultiHopTask
 from .pathfinder import PathfinderTask
 from .retrieval import RetrievalTask
 from .text import TextTask
+from .vocab import CLS_ID, IGNORE_INDEX, PAD_ID
 
-TaskConfig = Annotated[Union[ListOpsTask, TextTask, ImageTask, PathfinderTask,
-                             RetrievalTask, LMTask, MultiHopTask],
+TaskConfig = Annotated[ListOpsTask | TextTask | ImageTask | PathfinderTask | RetrievalTask | LMTask
+                       | MultiHopTask,
                        Field(discriminator="name")]
 
-_LOADERS = {"listops": listops.load, "text": text.load, "image": image.load,
-            "pathfinder": pathfinder.load, "retrieval": retrieval.load,
-            "lm": lm.load, "multihop": multihop.load}
+_LOADERS: dict[str, Callable[[Any, int], TaskData]] = {
+    "listops": listops.load, "text": text.load, "image": image.load,
+    "pathfinder": pathfinder.load, "retrieval": retrieval.load, "lm": lm.load,
+    "multihop": multihop.load}
 
 
 def load_task(task: TaskConfig, seed: int) -> TaskData:
@@ -33,5 +36,6 @@ def load_task(task: TaskConfig, seed: int) -> TaskData:
 
 
 __all__ = ["TaskConfig", "ListOpsTask", "TextTask", "ImageTask", "MultiHopTask",
-           "PathfinderTask", "RetrievalTask", "LMTask", "TaskData", "Split", "DataError", "collate",
-           "pad", "load_task", "PAD_ID", "CLS_ID"]
+           "PathfinderTask", "RetrievalTask", "LMTask", "TaskData", "Split", "TokenSplit",
+           "AnySplit", "DataError", "collate", "pad", "load_task", "PAD_ID", "CLS_ID",
+           "IGNORE_INDEX"]

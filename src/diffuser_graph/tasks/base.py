@@ -1,30 +1,31 @@
 """What every task produces: token-id sequences with labels, split three ways, and batching.
 
-A task turns a config into :class:`TaskData`: ``train``/``val``/``test`` :class:`Split` objects
-(unpadded int64 token arrays with one label each, or, for language modelling, a target token per
-position), the vocabulary size, the number of labels and the kind of model ``head`` it needs.
+A task turns a config into :class:`TaskData`: ``train``/``val``/``test`` splits (unpadded int64
+token arrays with one label each, :class:`Split`, or for language modelling a target token per
+position, :class:`TokenSplit`), the vocabulary size, the number of labels and the kind of model
+``head`` it needs.
 :func:`collate` pads a list of examples into the tensors the models take.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Literal, Optional, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from ..model import IGNORE_INDEX
+from .vocab import IGNORE_INDEX, PAD_ID
 
-PAD_ID = 0
-CLS_ID = 1
+Indices = Sequence[int] | np.ndarray
 
 
 class DataError(ValueError):
     """A data file that cannot be used; the message names the file and line."""
 
-    def __init__(self, path: Path | str, line: Optional[int], problem: str) -> None:
+    def __init__(self, path: Path | str, line: int | None, problem: str) -> None:
         where = f"{path}:{line}" if line is not None else str(path)
         super().__init__(f"{where}: {problem}")
 
@@ -39,29 +40,18 @@ def find_split_file(folder: Path, split: str, names: Sequence[str]) -> Path:
 
 @dataclass
 class Split:
-    """One split: ``sequences[i]`` (int64 token ids, no padding) has label ``labels[i]``.
+    """One split of a classification or matching task: ``sequences[i]`` (int64 token ids, no
+    padding) has label ``labels[i]``; matching tasks also set ``pairs[i]``, the second sequence
+    of example i."""
 
-    Matching tasks also set ``pairs[i]``, the second sequence of example i. Language modelling
-    sets ``targets[i]`` (the next token at every position of ``sequences[i]``) instead of labels.
-    """
-
-    sequences: List[np.ndarray]
-    labels: Optional[np.ndarray] = None
-    pairs: Optional[List[np.ndarray]] = None
-    targets: Optional[List[np.ndarray]] = None
+    sequences: list[np.ndarray]
+    labels: np.ndarray
+    pairs: list[np.ndarray] | None = None
 
     def __post_init__(self) -> None:
-        if (self.labels is None) == (self.targets is None):
-            raise ValueError("a split has either labels (one per sequence) or targets (one per "
-                             "token)")
-        if self.labels is not None:
-            self.labels = np.asarray(self.labels, dtype=np.int64)
-            if len(self.sequences) != len(self.labels):
-                raise ValueError(f"{len(self.sequences)} sequences but {len(self.labels)} labels")
-        else:
-            if len(self.targets) != len(self.sequences) or any(
-                    len(t) != len(s) for t, s in zip(self.targets, self.sequences)):
-                raise ValueError("targets must have one token per token of each sequence")
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.sequences) != len(self.labels):
+            raise ValueError(f"{len(self.sequences)} sequences but {len(self.labels)} labels")
         if self.pairs is not None and len(self.pairs) != len(self.sequences):
             raise ValueError(f"{len(self.sequences)} sequences but {len(self.pairs)} pairs")
 
@@ -72,41 +62,84 @@ class Split:
         lengths = [len(s) for s in self.sequences + (self.pairs or [])]
         return max(lengths) if lengths else 0
 
+    def batch_labels(self, indices: Indices) -> torch.Tensor:
+        """``(B,)`` labels of examples ``indices``."""
+        return torch.from_numpy(self.labels[list(indices)])
+
+    def describe(self, i: int) -> str:
+        return f"label {self.labels[i]}"
+
+
+@dataclass
+class TokenSplit:
+    """One split of a language-modelling task: ``targets[i]`` holds the next token at every
+    position of ``sequences[i]``."""
+
+    sequences: list[np.ndarray]
+    targets: list[np.ndarray]
+
+    def __post_init__(self) -> None:
+        if len(self.targets) != len(self.sequences) or any(
+                len(t) != len(s) for t, s in zip(self.targets, self.sequences, strict=True)):
+            raise ValueError("targets must have one token per token of each sequence")
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def max_length(self) -> int:
+        return max((len(s) for s in self.sequences), default=0)
+
+    def batch_labels(self, indices: Indices) -> torch.Tensor:
+        """``(B, L)`` next tokens of examples ``indices``, ``IGNORE_INDEX`` at padding."""
+        return pad([self.targets[i] for i in indices], fill=IGNORE_INDEX)[0]
+
+    def describe(self, i: int) -> str:
+        return "next-token targets"
+
+
+AnySplit = Split | TokenSplit
+
 
 @dataclass
 class TaskData:
     """A task's splits and what the model needs to know of it.
 
     ``head``: ``"classification"`` (one label per sequence), ``"matching"`` (one label per pair
-    of sequences, two towers) or ``"lm"`` (next-token prediction; ``num_labels`` is the
-    vocabulary size).
+    of sequences, two towers) or ``"lm"`` (next-token prediction with :class:`TokenSplit`
+    splits; ``num_labels`` is the vocabulary size).
     """
 
-    train: Split
-    val: Split
-    test: Split
+    train: AnySplit
+    val: AnySplit
+    test: AnySplit
     vocab_size: int
     num_labels: int
     head: Literal["classification", "matching", "lm"] = "classification"
-    decode: Optional[object] = field(default=None, repr=False)  # ids -> readable text
-    image_size: Optional[tuple] = None  # (H, W) when every sequence is an H x W image
-    source: Optional[str] = None  # where the data came from, for results.json
+    decode: Callable[[Iterable[int]], str] | None = field(default=None, repr=False)  # ids -> text
+    image_size: tuple[int, int] | None = None  # (H, W) when every sequence is an H x W image
+    source: str | None = None  # where the data came from, for results.json
 
-    def splits(self) -> Iterator[tuple[str, Split]]:
+    @classmethod
+    def from_splits(cls, splits: Mapping[str, AnySplit], **fields: Any) -> TaskData:
+        """``splits``: ``{"train": ..., "val": ..., "test": ...}``; ``fields``: the rest."""
+        return cls(train=splits["train"], val=splits["val"], test=splits["test"], **fields)
+
+    def splits(self) -> Iterator[tuple[str, AnySplit]]:
         yield from (("train", self.train), ("val", self.val), ("test", self.test))
 
     def baseline(self, split: str = "test") -> dict:
         """What a model that ignores the input scores on ``split``, fitted on the train split:
         the majority-class rate, or for language modelling the bits per character of the
         training set's byte (unigram) frequencies."""
-        target = getattr(self, split)
-        if self.head != "lm":
-            majority = np.bincount(self.train.labels, minlength=self.num_labels).argmax()
-            rate = float(np.mean(target.labels == majority)) if len(target) else float("nan")
-            return {"majority_rate": rate}
-        counts = np.bincount(np.concatenate(self.train.targets), minlength=self.vocab_size) + 1.0
-        tokens = np.concatenate(target.targets)
-        return {"unigram_bits_per_char": float(-np.log2(counts[tokens] / counts.sum()).mean())}
+        train, target = self.train, getattr(self, split)
+        if isinstance(train, TokenSplit) and isinstance(target, TokenSplit):
+            counts = np.bincount(np.concatenate(train.targets), minlength=self.vocab_size) + 1.0
+            tokens = np.concatenate(target.targets)
+            return {"unigram_bits_per_char": float(-np.log2(counts[tokens] / counts.sum()).mean())}
+        assert isinstance(train, Split) and isinstance(target, Split)
+        majority = np.bincount(train.labels, minlength=self.num_labels).argmax()
+        rate = float(np.mean(target.labels == majority)) if len(target) else float("nan")
+        return {"majority_rate": rate}
 
 
 def pad(sequences: Sequence[np.ndarray], fill: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,16 +152,12 @@ def pad(sequences: Sequence[np.ndarray], fill: int = PAD_ID) -> tuple[torch.Tens
     return ids, mask
 
 
-def collate(split: Split, indices: Sequence[int]) -> dict:
+def collate(split: AnySplit, indices: Indices) -> dict[str, torch.Tensor]:
     """Examples ``indices`` of ``split`` as model inputs: ``input_ids``, ``attention_mask``
     ``(B, L)`` and ``labels`` (``(B,)``, or ``(B, L)`` next tokens with ``IGNORE_INDEX`` at
     padding), plus ``input_ids_2``/``attention_mask_2`` for matching tasks."""
     ids, mask = pad([split.sequences[i] for i in indices])
-    if split.targets is not None:
-        labels, _ = pad([split.targets[i] for i in indices], fill=IGNORE_INDEX)
-    else:
-        labels = torch.from_numpy(split.labels[list(indices)])
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    if split.pairs is not None:
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": split.batch_labels(indices)}
+    if isinstance(split, Split) and split.pairs is not None:
         batch["input_ids_2"], batch["attention_mask_2"] = pad([split.pairs[i] for i in indices])
     return batch

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..checks import Float
 from .base import DataError, Split, TaskData
+from .vocab import NUM_SPECIAL
 
-OFFSET = 2  # ids 0 and 1 stay <pad> and <cls>, as in every task
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST = "test_batch"
 CIFAR_SIDE = 32
@@ -34,12 +35,12 @@ class ImageTask(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["image"] = "image"
     source: Literal["digits", "cifar10"] = "digits"
-    path: Optional[str] = None  # folder of the CIFAR-10 python batches
-    val_fraction: float = Field(default=0.1, gt=0, lt=1)
-    test_fraction: float = Field(default=0.2, gt=0, lt=1)  # digits only: CIFAR has a test batch
+    path: str | None = None  # folder of the CIFAR-10 python batches
+    val_fraction: Float = Field(default=0.1, gt=0, lt=1)
+    test_fraction: Float = Field(default=0.2, gt=0, lt=1)  # digits only: CIFAR has a test batch
 
     @model_validator(mode="after")
-    def _source_needs(self) -> "ImageTask":
+    def _source_needs(self) -> ImageTask:
         if self.source == "cifar10" and self.path is None:
             raise ValueError("source 'cifar10' needs path: the folder with data_batch_1..5 and "
                              "test_batch")
@@ -90,7 +91,7 @@ def _split(pixels: np.ndarray, labels: np.ndarray, fractions: tuple[float, float
     n_val, n_test = (int(round(f * len(labels))) for f in fractions)
     parts = {"val": order[:n_val], "test": order[n_val:n_val + n_test],
              "train": order[n_val + n_test:]}
-    return {name: Split([pixels[i] + OFFSET for i in index], labels[index])
+    return {name: Split([pixels[i] + NUM_SPECIAL for i in index], labels[index])
             for name, index in parts.items()}
 
 
@@ -105,13 +106,14 @@ def load(task: ImageTask, seed: int) -> TaskData:
                         (task.val_fraction, task.test_fraction), rng)
         levels = 17
     else:
+        assert task.path is not None  # required for cifar10 by the config validator
         folder = Path(task.path)
         batches = [read_cifar_batch(folder / name) for name in CIFAR_TRAIN]
         pixels = np.concatenate([b[0] for b in batches])
         labels = np.concatenate([b[1] for b in batches])
         splits = _split(pixels, labels, (task.val_fraction, 0.0), rng)
         test_pixels, test_labels = read_cifar_batch(folder / CIFAR_TEST)
-        splits["test"] = Split([row + OFFSET for row in test_pixels], test_labels)
+        splits["test"] = Split([row + NUM_SPECIAL for row in test_pixels], test_labels)
         levels = 256
-    return TaskData(**splits, vocab_size=levels + OFFSET, num_labels=10,
-                    image_size=image_size(task))
+    return TaskData.from_splits(splits, vocab_size=levels + NUM_SPECIAL, num_labels=10,
+                                image_size=image_size(task))

@@ -10,13 +10,16 @@ with a header; ``basic_train.tsv``, ``basic_val.tsv``, ``basic_test.tsv``).
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable
 from pathlib import Path
-from typing import List, Literal, Optional, Union
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .base import CLS_ID, DataError, Split, TaskData
+from ..checks import Float, Int
+from .base import DataError, Split, TaskData
+from .vocab import CLS_ID
 
 OPERATORS = ("[MAX", "[MIN", "[MED", "[SM")
 CLOSE = "]"
@@ -24,7 +27,7 @@ VOCAB = ["<pad>", "<cls>", *[str(d) for d in range(10)], *OPERATORS, CLOSE]
 TOKEN_ID = {token: i for i, token in enumerate(VOCAB)}
 LRA_FILES = {"train": "basic_train.tsv", "val": "basic_val.tsv", "test": "basic_test.tsv"}
 
-Tree = Union[int, tuple]  # a digit, or (operator, [children])
+Tree = int | tuple  # a digit, or (operator, [children])
 
 
 class ListOpsTask(BaseModel):
@@ -32,18 +35,18 @@ class ListOpsTask(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["listops"] = "listops"
-    path: Optional[str] = None  # folder with LRA's basic_{train,val,test}.tsv
-    max_depth: int = Field(default=10, ge=1)
-    max_args: int = Field(default=10, ge=2)
-    min_length: int = Field(default=500, ge=1)
-    max_length: int = Field(default=2000, ge=1)
-    leaf_probability: float = Field(default=0.75, ge=0, lt=1)  # LRA: a digit w.p. 0.75
-    train_size: int = Field(default=96000, ge=1)
-    val_size: int = Field(default=2000, ge=1)
-    test_size: int = Field(default=2000, ge=1)
+    path: str | None = None  # folder with LRA's basic_{train,val,test}.tsv
+    max_depth: Int = Field(default=10, ge=1)
+    max_args: Int = Field(default=10, ge=2)
+    min_length: Int = Field(default=500, ge=1)
+    max_length: Int = Field(default=2000, ge=1)
+    leaf_probability: Float = Field(default=0.75, ge=0, lt=1)  # LRA: a digit w.p. 0.75
+    train_size: Int = Field(default=96000, ge=1)
+    val_size: Int = Field(default=2000, ge=1)
+    test_size: Int = Field(default=2000, ge=1)
 
     @model_validator(mode="after")
-    def _lengths(self) -> "ListOpsTask":
+    def _lengths(self) -> ListOpsTask:
         if self.min_length > self.max_length:
             raise ValueError(f"min_length ({self.min_length}) must be <= max_length "
                              f"({self.max_length})")
@@ -65,17 +68,17 @@ def evaluate(tree: Tree) -> int:
     return sum(values) % 10
 
 
-def to_tokens(tree: Tree) -> List[str]:
+def to_tokens(tree: Tree) -> list[str]:
     if isinstance(tree, int):
         return [str(tree)]
     operator, children = tree
     return [operator, *(token for child in children for token in to_tokens(child)), CLOSE]
 
 
-def parse(tokens: List[str]) -> Tree:
+def parse(tokens: list[str]) -> Tree:
     """Inverse of :func:`to_tokens`; raises ``ValueError`` on malformed expressions."""
-    stack: List[tuple] = []
-    result: Optional[Tree] = None
+    stack: list[tuple] = []
+    result: Tree | None = None
     for token in tokens:
         if token in OPERATORS:
             stack.append((token, []))
@@ -109,7 +112,7 @@ class _TooLong(Exception):
     """A tree being grown has passed ``max_length`` tokens: stop and draw another."""
 
 
-def random_tree(rng: np.random.Generator, task: ListOpsTask) -> Optional[Tree]:
+def random_tree(rng: np.random.Generator, task: ListOpsTask) -> Tree | None:
     """A random expression, or None as soon as it would exceed ``task.max_length`` tokens."""
     budget = [task.max_length]
 
@@ -132,24 +135,25 @@ def random_tree(rng: np.random.Generator, task: ListOpsTask) -> Optional[Tree]:
         return None
 
 
-def encode(tokens: List[str]) -> np.ndarray:
+def encode(tokens: list[str]) -> np.ndarray:
     return np.array([CLS_ID, *(TOKEN_ID[t] for t in tokens)], dtype=np.int64)
 
 
-def decode(ids) -> str:
+def decode(ids: Iterable[int]) -> str:
     return " ".join(VOCAB[int(i)] for i in ids if int(i) > CLS_ID)
 
 
 def generate(task: ListOpsTask, size: int, rng: np.random.Generator,
              max_tries_per_example: int = 2000) -> Split:
     """``size`` expressions with ``min_length <= tokens <= max_length`` (tokens exclude CLS)."""
-    sequences, labels = [], []
+    sequences: list[np.ndarray] = []
+    labels: list[int] = []
     tries = 0
     while len(sequences) < size:
         tree = random_tree(rng, task)
         tokens = to_tokens(tree) if tree is not None else []
         tries += 1
-        if task.min_length <= len(tokens) <= task.max_length:
+        if tree is not None and task.min_length <= len(tokens) <= task.max_length:
             sequences.append(encode(tokens))
             labels.append(evaluate(tree))
         elif tries > max_tries_per_example * (len(sequences) + 1):
@@ -184,7 +188,8 @@ def read_lra_tsv(path: Path) -> Split:
             try:
                 label = int(row[1])
             except ValueError:
-                raise DataError(path, line, f"label must be an integer 0-9, got {row[1]!r}") from None
+                raise DataError(path, line,
+                                f"label must be an integer 0-9, got {row[1]!r}") from None
             if not 0 <= label <= 9:
                 raise DataError(path, line, f"label must be in 0-9, got {label}")
             if evaluate(tree) != label:
@@ -206,4 +211,4 @@ def load(task: ListOpsTask, seed: int) -> TaskData:
         rng = np.random.default_rng([seed, 0x11570])
         splits = {name: generate(task, getattr(task, f"{name}_size"), rng)
                   for name in ("train", "val", "test")}
-    return TaskData(**splits, vocab_size=len(VOCAB), num_labels=10, decode=decode)
+    return TaskData.from_splits(splits, vocab_size=len(VOCAB), num_labels=10, decode=decode)

@@ -24,13 +24,14 @@ import hashlib
 import importlib.util
 import platform
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .base import DataError, Split, TaskData, find_split_file
-from .text import BYTE_OFFSET, VOCAB_SIZE, decode
+from ..checks import Float, Int
+from .base import DataError, TaskData, TokenSplit, find_split_file
+from .vocab import BYTE_VOCAB_SIZE, decode_bytes, encode_bytes
 
 SOURCE_MODULES = ("argparse", "bisect", "calendar", "colorsys", "configparser", "contextlib",
                   "copy", "csv", "dataclasses", "difflib", "fnmatch", "fractions", "functools",
@@ -45,15 +46,15 @@ class LMTask(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["lm"] = "lm"
-    path: Optional[str] = None  # a text file, or a folder of train/valid/test .txt files
+    path: str | None = None  # a text file, or a folder of train/valid/test .txt files
     corpus: Literal["python-docs", "python-source"] = "python-docs"  # used without a path
-    seq_len: int = Field(default=512, ge=2)  # bytes per example (inputs; targets are shifted)
-    max_bytes: Optional[int] = Field(default=None, ge=1)  # use only the first max_bytes of text
-    val_fraction: float = Field(default=0.05, gt=0, lt=1)  # for a single file or corpus
-    test_fraction: float = Field(default=0.05, gt=0, lt=1)
+    seq_len: Int = Field(default=512, ge=2)  # bytes per example (inputs; targets are shifted)
+    max_bytes: Int | None = Field(default=None, ge=1)  # use only the first max_bytes of text
+    val_fraction: Float = Field(default=0.05, gt=0, lt=1)  # for a single file or corpus
+    test_fraction: Float = Field(default=0.05, gt=0, lt=1)
 
     @model_validator(mode="after")
-    def _fractions(self) -> "LMTask":
+    def _fractions(self) -> LMTask:
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be < 1")
         return self
@@ -95,16 +96,16 @@ def python_corpus(corpus: str) -> tuple[bytes, str]:
     return text, f"{what} of Python {platform.python_version()}: {len(text)} bytes, sha256 {digest}"
 
 
-def chunk(data: bytes, seq_len: int, where: str) -> Split:
+def chunk(data: bytes, seq_len: int, where: str) -> TokenSplit:
     """Non-overlapping examples of ``seq_len`` input bytes and their next-byte targets."""
-    ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64) + BYTE_OFFSET
+    ids = encode_bytes(data)
     count = (len(ids) - 1) // seq_len
     if count < 1:
         raise DataError(where, None, f"{len(ids)} bytes cannot make one example of seq_len "
                                      f"{seq_len} (needs {seq_len + 1})")
     starts = np.arange(count) * seq_len
-    return Split([ids[s:s + seq_len] for s in starts],
-                 targets=[ids[s + 1:s + seq_len + 1] for s in starts])
+    return TokenSplit([ids[s:s + seq_len] for s in starts],
+                      [ids[s + 1:s + seq_len + 1] for s in starts])
 
 
 def load(task: LMTask, seed: int) -> TaskData:  # the text fixes the data: seed is not used
@@ -129,5 +130,5 @@ def load(task: LMTask, seed: int) -> TaskData:  # the text fixes the data: seed 
         where = {name: f"{source} ({name} part)" for name in parts}
         source = f"{source}; train/val/test {n_train}/{n_val}/{n_test} bytes"
     splits = {name: chunk(data, task.seq_len, where[name]) for name, data in parts.items()}
-    return TaskData(**splits, vocab_size=VOCAB_SIZE, num_labels=VOCAB_SIZE, head="lm",
-                    decode=decode, source=source)
+    return TaskData.from_splits(splits, vocab_size=BYTE_VOCAB_SIZE, num_labels=BYTE_VOCAB_SIZE,
+                                head="lm", decode=decode_bytes, source=source)

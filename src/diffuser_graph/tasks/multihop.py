@@ -19,10 +19,12 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .base import CLS_ID, Split, TaskData
+from ..checks import Int
+from .base import Split, TaskData
+from .vocab import CLS_ID, NUM_SPECIAL
 
-FILLER, ARROW, QUERY = 2, 3, 4
-FIRST_SYMBOL = 5
+FILLER, ARROW, QUERY = NUM_SPECIAL, NUM_SPECIAL + 1, NUM_SPECIAL + 2
+FIRST_SYMBOL = NUM_SPECIAL + 3
 
 
 class MultiHopTask(BaseModel):
@@ -30,16 +32,16 @@ class MultiHopTask(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["multihop"] = "multihop"
-    seq_len: int = Field(default=1024, ge=16)  # tokens including <cls> and the query
-    num_symbols: int = Field(default=16, ge=3)
-    chain: int = Field(default=3, ge=1)  # links to follow from the queried symbol
-    distractors: int = Field(default=8, ge=0)  # facts not on the chain
-    train_size: int = Field(default=8000, ge=1)
-    val_size: int = Field(default=1000, ge=1)
-    test_size: int = Field(default=1000, ge=1)
+    seq_len: Int = Field(default=1024, ge=16)  # tokens including <cls> and the query
+    num_symbols: Int = Field(default=16, ge=3)
+    chain: Int = Field(default=3, ge=1)  # links to follow from the queried symbol
+    distractors: Int = Field(default=8, ge=0)  # facts not on the chain
+    train_size: Int = Field(default=8000, ge=1)
+    val_size: Int = Field(default=1000, ge=1)
+    test_size: Int = Field(default=1000, ge=1)
 
     @model_validator(mode="after")
-    def _fits(self) -> "MultiHopTask":
+    def _fits(self) -> MultiHopTask:
         facts = self.chain + self.distractors
         if self.chain + 1 + self.distractors > self.num_symbols:
             raise ValueError(f"chain + 1 + distractors = {self.chain + 1 + self.distractors} "
@@ -64,7 +66,7 @@ def make_example(task: MultiHopTask, rng: np.random.Generator) -> tuple[np.ndarr
     # Spread the facts: choose where each begins among the filler, keeping them in one piece.
     gaps = np.sort(rng.choice(free + len(facts), size=len(facts), replace=False))
     tokens = np.full(body, FILLER, dtype=np.int64)
-    for slot, (fact, gap) in enumerate(zip(order, gaps)):
+    for slot, (fact, gap) in enumerate(zip(order, gaps, strict=True)):
         start = gap - slot + 3 * slot
         x, y = facts[fact]
         tokens[start:start + 3] = (FIRST_SYMBOL + x, ARROW, FIRST_SYMBOL + y)
@@ -91,5 +93,5 @@ def load(task: MultiHopTask, seed: int) -> TaskData:
     for name in ("train", "val", "test"):
         examples = [make_example(task, rng) for _ in range(getattr(task, f"{name}_size"))]
         splits[name] = Split([e[0] for e in examples], np.array([e[1] for e in examples]))
-    return TaskData(**splits, vocab_size=FIRST_SYMBOL + task.num_symbols,
-                    num_labels=task.num_symbols)
+    return TaskData.from_splits(splits, vocab_size=FIRST_SYMBOL + task.num_symbols,
+                                num_labels=task.num_symbols)

@@ -15,13 +15,14 @@ order, as in the image task, for the 2-D ``grid`` pattern.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..checks import Float, Int
 from .base import Split, TaskData
-from .image import OFFSET
+from .vocab import NUM_SPECIAL
 
 INK = 255
 SEPARATION = 3  # paths stay > 3 pixels apart, so even two dots (3x3) never touch
@@ -35,19 +36,19 @@ class PathfinderTask(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["pathfinder"] = "pathfinder"
-    size: int = Field(default=32, ge=8)  # image side in pixels; sequences are size**2 tokens
-    path_length: int = Field(default=30, ge=4)  # pixels along each long path (difficulty)
-    distractors: int = Field(default=2, ge=0)  # extra paths without dots
-    distractor_length: Optional[int] = Field(default=None, ge=2)  # None: path_length // 2
-    dash: int = Field(default=2, ge=1)  # inked pixels per dash
-    gap: int = Field(default=1, ge=0)  # skipped pixels between dashes (0: solid lines)
-    max_turn: float = Field(default=30.0, ge=0, le=90)  # degrees of heading change per step
-    train_size: int = Field(default=8000, ge=1)
-    val_size: int = Field(default=1000, ge=1)
-    test_size: int = Field(default=1000, ge=1)
+    size: Int = Field(default=32, ge=8)  # image side in pixels; sequences are size**2 tokens
+    path_length: Int = Field(default=30, ge=4)  # pixels along each long path (difficulty)
+    distractors: Int = Field(default=2, ge=0)  # extra paths without dots
+    distractor_length: Int | None = Field(default=None, ge=2)  # None: path_length // 2
+    dash: Int = Field(default=2, ge=1)  # inked pixels per dash
+    gap: Int = Field(default=1, ge=0)  # skipped pixels between dashes (0: solid lines)
+    max_turn: Float = Field(default=30.0, ge=0, le=90)  # degrees of heading change per step
+    train_size: Int = Field(default=8000, ge=1)
+    val_size: Int = Field(default=1000, ge=1)
+    test_size: Int = Field(default=1000, ge=1)
 
     @model_validator(mode="after")
-    def _fits(self) -> "PathfinderTask":
+    def _fits(self) -> PathfinderTask:
         if self.path_length > 2 * self.size:
             raise ValueError(f"path_length ({self.path_length}) must be at most 2 * size "
                              f"({2 * self.size}) so that paths fit in the image")
@@ -66,7 +67,7 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def grow_path(free: np.ndarray, length: int, max_turn: float,
-              rng: np.random.Generator) -> Optional[np.ndarray]:
+              rng: np.random.Generator) -> np.ndarray | None:
     """Pixels ``(length, 2)`` (row, col) of a unit-step walk through ``free`` pixels whose
     heading turns by at most ``max_turn`` degrees per step; None if it gets stuck."""
     starts = np.argwhere(free)
@@ -89,7 +90,7 @@ def grow_path(free: np.ndarray, length: int, max_turn: float,
 
 
 def place_path(occupied: np.ndarray, length: int, max_turn: float, margin: int,
-               rng: np.random.Generator) -> Optional[np.ndarray]:
+               rng: np.random.Generator) -> np.ndarray | None:
     """A walk ``margin`` pixels inside the image that keeps ``SEPARATION`` empty pixels from
     ``occupied``; None if ``MAX_TRIES`` walks all get stuck."""
     free = ~dilate(occupied, SEPARATION)
@@ -148,16 +149,17 @@ def generate(task: PathfinderTask, size: int, rng: np.random.Generator) -> Split
     """``size`` images, labels balanced and shuffled."""
     labels = rng.permutation(np.arange(size) % 2)
     images = [make_example(task, int(label), rng)[0] for label in labels]
-    return Split([image.ravel().astype(np.int64) + OFFSET for image in images], labels)
+    return Split([image.ravel().astype(np.int64) + NUM_SPECIAL for image in images], labels)
 
 
 def to_image(ids: np.ndarray, size: int) -> np.ndarray:
     """Token ids ``(size * size,)`` back to the ``(size, size)`` grey-level image."""
-    return (np.asarray(ids) - OFFSET).reshape(size, size)
+    return (np.asarray(ids) - NUM_SPECIAL).reshape(size, size)
 
 
 def load(task: PathfinderTask, seed: int) -> TaskData:
     rng = np.random.default_rng([seed, 0x9A7F])
     splits = {name: generate(task, getattr(task, f"{name}_size"), rng)
               for name in ("train", "val", "test")}
-    return TaskData(**splits, vocab_size=256 + OFFSET, num_labels=2, image_size=task.image_size)
+    return TaskData.from_splits(splits, vocab_size=256 + NUM_SPECIAL, num_labels=2,
+                                image_size=task.image_size)

@@ -20,13 +20,15 @@ Sources:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..checks import Int
 from .base import DataError, Split, TaskData, find_split_file
-from .text import VOCAB_SIZE, decode, encode
+from .text import encode
+from .vocab import BYTE_VOCAB_SIZE, decode_bytes
 
 LRA_FILES = {"train": ("new_aan_pairs.train.tsv", "train.tsv"),
              "val": ("new_aan_pairs.eval.tsv", "eval.tsv", "val.tsv"),
@@ -43,19 +45,19 @@ class RetrievalTask(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["retrieval"] = "retrieval"
-    path: Optional[str] = None
-    max_length: int = Field(default=4000, ge=2)  # tokens per document incl. <cls>; truncates
-    num_topics: int = Field(default=16, ge=2)
-    topic_words: int = Field(default=4, ge=1)
-    words: int = Field(default=500, ge=4)  # words per synthetic document
-    cues: int = Field(default=3, ge=2)  # words of the document's own topic
-    noise_cues: int = Field(default=3, ge=0)  # words of other topics, one per topic
-    train_size: int = Field(default=8000, ge=1)
-    val_size: int = Field(default=1000, ge=1)
-    test_size: int = Field(default=1000, ge=1)
+    path: str | None = None
+    max_length: Int = Field(default=4000, ge=2)  # tokens per document incl. <cls>; truncates
+    num_topics: Int = Field(default=16, ge=2)
+    topic_words: Int = Field(default=4, ge=1)
+    words: Int = Field(default=500, ge=4)  # words per synthetic document
+    cues: Int = Field(default=3, ge=2)  # words of the document's own topic
+    noise_cues: Int = Field(default=3, ge=0)  # words of other topics, one per topic
+    train_size: Int = Field(default=8000, ge=1)
+    val_size: Int = Field(default=1000, ge=1)
+    test_size: Int = Field(default=1000, ge=1)
 
     @model_validator(mode="after")
-    def _fits(self) -> "RetrievalTask":
+    def _fits(self) -> RetrievalTask:
         if self.noise_cues > self.num_topics - 1:
             raise ValueError(f"noise_cues ({self.noise_cues}) takes one word from each of as "
                              f"many other topics; at most num_topics - 1 = "
@@ -124,7 +126,7 @@ def make_document(task: RetrievalTask, lexicon: list[list[str]], topic: int,
     cue_words = [lexicon[topic][rng.integers(task.topic_words)] for _ in range(task.cues)]
     cue_words += [lexicon[t][rng.integers(task.topic_words)] for t in others]
     for position, word in zip(rng.choice(task.words, size=len(cue_words), replace=False),
-                              cue_words):
+                              cue_words, strict=True):
         tokens[position] = word
     return " ".join(tokens)
 
@@ -162,5 +164,5 @@ def load(task: RetrievalTask, seed: int) -> TaskData:
         lexicon = topic_lexicon(task, rng)
         splits = {name: generate(task, lexicon, getattr(task, f"{name}_size"), rng)
                   for name in LRA_FILES}
-    return TaskData(**splits, vocab_size=VOCAB_SIZE, num_labels=2, head="matching",
-                    decode=decode)
+    return TaskData.from_splits(splits, vocab_size=BYTE_VOCAB_SIZE, num_labels=2,
+                                head="matching", decode=decode_bytes)

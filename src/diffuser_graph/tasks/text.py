@@ -13,15 +13,15 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from .base import CLS_ID, DataError, Split, TaskData, find_split_file
+from ..checks import Int
+from .base import DataError, Split, TaskData, find_split_file
+from .vocab import BYTE_VOCAB_SIZE, CLS_ID, decode_bytes, encode_bytes
 
-BYTE_OFFSET = 2  # ids 0 and 1 are <pad> and <cls>
-VOCAB_SIZE = 256 + BYTE_OFFSET
 EXTENSIONS = (".csv", ".jsonl", ".tsv")
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "dev", "valid"), "test": ("test",)}
 
@@ -36,24 +36,19 @@ class TextTask(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["text"] = "text"
-    path: Optional[str] = None
-    max_length: int = Field(default=4096, ge=2)  # tokens including <cls>; longer is truncated
-    num_labels: Optional[int] = Field(default=None, ge=2)  # None: 1 + the largest label seen
-    synthetic_words: int = Field(default=600, ge=10)  # document length of the generator
-    synthetic_cues: int = Field(default=7, ge=1)  # cue phrases per document (odd: no ties)
-    train_size: int = Field(default=4000, ge=1)
-    val_size: int = Field(default=500, ge=1)
-    test_size: int = Field(default=500, ge=1)
+    path: str | None = None
+    max_length: Int = Field(default=4096, ge=2)  # tokens including <cls>; longer is truncated
+    num_labels: Int | None = Field(default=None, ge=2)  # None: 1 + the largest label seen
+    synthetic_words: Int = Field(default=600, ge=10)  # document length of the generator
+    synthetic_cues: Int = Field(default=7, ge=1)  # cue phrases per document (odd: no ties)
+    train_size: Int = Field(default=4000, ge=1)
+    val_size: Int = Field(default=500, ge=1)
+    test_size: Int = Field(default=500, ge=1)
 
 
 def encode(text: str, max_length: int) -> np.ndarray:
-    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)[: max_length - 1]
-    return np.concatenate([[CLS_ID], data.astype(np.int64) + BYTE_OFFSET])
-
-
-def decode(ids) -> str:
-    data = bytes(int(i) - BYTE_OFFSET for i in ids if int(i) >= BYTE_OFFSET)
-    return data.decode("utf-8", errors="replace")
+    """``<cls>`` and the first ``max_length - 1`` UTF-8 bytes of ``text`` as ids."""
+    return np.concatenate([[CLS_ID], encode_bytes(text.encode("utf-8")[: max_length - 1])])
 
 
 def _parse_label(raw, path: Path, line: int) -> int:
@@ -119,7 +114,7 @@ def synthetic_document(rng: np.random.Generator, words: int, cues: int) -> tuple
     positive = int(rng.integers(0, cues + 1))
     cue_words = ([POSITIVE[i] for i in rng.integers(len(POSITIVE), size=positive)]
                  + [NEGATIVE[i] for i in rng.integers(len(NEGATIVE), size=cues - positive)])
-    for position, word in zip(rng.choice(words, size=cues, replace=False), cue_words):
+    for position, word in zip(rng.choice(words, size=cues, replace=False), cue_words, strict=True):
         tokens[position] = word
     return " ".join(tokens), int(positive > cues - positive)
 
@@ -148,4 +143,5 @@ def load(task: TextTask, seed: int) -> TaskData:
     if largest >= num_labels:
         raise DataError(task.path or "synthetic", None,
                         f"label {largest} found but num_labels is {num_labels}")
-    return TaskData(**splits, vocab_size=VOCAB_SIZE, num_labels=num_labels, decode=decode)
+    return TaskData.from_splits(splits, vocab_size=BYTE_VOCAB_SIZE, num_labels=num_labels,
+                                decode=decode_bytes)

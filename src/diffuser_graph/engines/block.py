@@ -1,4 +1,4 @@
-"""A second attention engine for sliding-window + global + random patterns: blocked dense matmuls.
+"""The block engine: sliding-window + global + random patterns as blocked dense matmuls.
 
 DGL's generic SDDMM/SpMM kernels touch one edge at a time. For ``kind="window"`` patterns most
 edges form a band, which this engine computes as batched dense matmuls: queries in blocks of
@@ -15,17 +15,16 @@ graph's edges are exactly band + globals + those random edges.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .diffusion import check_dropout, check_qkv, diffusion_series
-from .graph import build_graph
-from .patterns import PatternSpec
+from ..graph import build_graph
+from ..patterns import PatternSpec
 
 
 def supports(spec: PatternSpec) -> bool:
@@ -57,6 +56,15 @@ class BlockLayout:
     band_mask: torch.Tensor  # (n_blocks, block, block + 2w) bool: key is a band edge
     random_keys: torch.Tensor  # (n, R) key index per random edge (0 where padded)
     random_mask: torch.Tensor  # (n, R) bool: a real random edge
+
+    @property
+    def num_blocks(self) -> int:
+        return self.band_mask.shape[0]
+
+    def to(self, device: torch.device) -> BlockLayout:
+        return BlockLayout(self.n, self.window, self.block, *(
+            x.to(device) for x in (self.globals, self.band_mask, self.random_keys,
+                                   self.random_mask)))
 
 
 @lru_cache(maxsize=1024)
@@ -108,24 +116,32 @@ def _check_covers(src, dst, n, band, key, query, is_global, random_edges) -> Non
         raise ValueError("the graph's edges are not band + globals + random keys")
 
 
+@lru_cache(maxsize=1024)
+def _layout_on(seq_len: int, spec: PatternSpec, device: torch.device) -> BlockLayout:
+    return block_layout(seq_len, spec).to(device)
+
+
 def _windows(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """``x: (H, n, D)`` -> ``(H, n_blocks, b + 2w, D)``: the keys each query block can reach."""
-    n_blocks = layout.band_mask.shape[0]
     left = layout.window
-    right = n_blocks * layout.block - layout.n + layout.window
+    right = layout.num_blocks * layout.block - layout.n + layout.window
     padded = F.pad(x, (0, 0, left, right))
     return padded.unfold(1, layout.block + 2 * layout.window, layout.block).transpose(-1, -2)
 
 
 def _blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """``x: (H, n, D)`` -> ``(H, n_blocks, b, D)``, zero-padded at the end."""
-    n_blocks = layout.band_mask.shape[0]
-    padded = F.pad(x, (0, 0, 0, n_blocks * layout.block - layout.n))
-    return padded.reshape(x.shape[0], n_blocks, layout.block, x.shape[-1])
+    """``x: (H, n, ...)`` -> ``(H, n_blocks, b, ...)``, zero-padded at the end."""
+    pad = [0, 0] * (x.dim() - 2) + [0, layout.num_blocks * layout.block - layout.n]
+    return F.pad(x, pad).reshape(x.shape[0], layout.num_blocks, layout.block, *x.shape[2:])
 
 
-def _attention_parts(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor):
-    """Joint softmax over band, global keys and random keys; full rows for global queries."""
+
+
+def _attention_parts(layout: BlockLayout, q: torch.Tensor,
+                     k: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One sequence's ``A`` from ``q, k: (H, n, D)``: the band ``(H, n_blocks, b, b + 2w)``, the
+    global keys ``(H, n, G)``, the random keys ``(H, n, R)`` (one joint softmax over the three)
+    and the full rows of the global queries ``(H, G, n)``."""
     heads, n, dim = q.shape
     scale = 1.0 / math.sqrt(dim)
     band = (_blocks(q, layout) @ _windows(k, layout).transpose(-1, -2)) * scale
@@ -140,50 +156,49 @@ def _attention_parts(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor):
     sizes = [band.shape[-1], to_globals.shape[-1], random.shape[-1]]
     band_attn, global_attn, random_attn = torch.split(joint, sizes, dim=-1)
     rows = torch.softmax((q[:, glob] @ k.transpose(-1, -2)) * scale, dim=-1)  # (H, G, n)
-    return band_attn, global_attn, random_attn, rows
+    return _blocks(band_attn, layout), global_attn, random_attn, rows
 
 
-def _diffuse_one(layout: BlockLayout, q, k, v, *, alpha, hops, kernel, t, attn_dropout,
-                 hop_dropout, training):
-    q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # (H, n, D)
-    parts = [F.dropout(p, attn_dropout, training) for p in _attention_parts(layout, q, k)]
-    band_attn, global_attn, random_attn, rows = parts
-    heads, n = q.shape[:2]
-    n_blocks = layout.band_mask.shape[0]
-    band_blocks = F.pad(band_attn, (0, 0, 0, n_blocks * layout.block - n)).reshape(
-        heads, n_blocks, layout.block, -1)
+def _propagate_one(layout: BlockLayout, parts: Sequence[torch.Tensor],
+                   z: torch.Tensor) -> torch.Tensor:
+    """``A z`` for one sequence, ``z: (H, n, Dv)``."""
+    band_blocks, global_attn, random_attn, rows = parts
     glob = layout.globals
-
-    def propagate(z: torch.Tensor) -> torch.Tensor:
-        out = (band_blocks @ _windows(z, layout)).reshape(heads, -1, z.shape[-1])[:, :n]
-        out = out + global_attn @ z[:, glob]
-        out = out + (random_attn.unsqueeze(-2) @ z[:, layout.random_keys]).squeeze(-2)
-        out = out.index_copy(1, glob, rows @ z)
-        return F.dropout(out, hop_dropout, training)
-
-    out = diffusion_series(propagate, v, alpha=alpha, hops=hops, kernel=kernel, t=t)
-    return out.transpose(0, 1)
+    out = (band_blocks @ _windows(z, layout)).reshape(z.shape[0], -1, z.shape[-1])[:, :layout.n]
+    out = out + global_attn @ z[:, glob]
+    out = out + (random_attn.unsqueeze(-2) @ z[:, layout.random_keys]).squeeze(-2)
+    return out.index_copy(1, glob, rows @ z)
 
 
-def block_diffusion_attention(
-    lengths: Sequence[int], spec: PatternSpec, q: torch.Tensor, k: torch.Tensor,
-    v: torch.Tensor, *, alpha: float = 0.1, hops: int = 5, kernel: str = "ppr", t: float = 1.0,
-    attn_dropout: float = 0.0, hop_dropout: float = 0.0, training: bool = False,
-) -> torch.Tensor:
-    """Same result as :func:`diffusion_attention` on ``batch_graphs(lengths, spec)``.
+PARTS = 4  # tensors of one sequence's attention: band, global keys, random keys, global rows
 
-    ``q, k: (N, H, D)``, ``v: (N, H, Dv)`` with ``N = sum(lengths)``; returns ``(N, H, Dv)``.
-    """
-    lengths = [int(n) for n in lengths]
-    check_qkv(q, k, v, sum(lengths), "the lengths sum to")
-    check_dropout("attn_dropout", attn_dropout)
-    check_dropout("hop_dropout", hop_dropout)
-    outputs, start = [], 0
-    for n in lengths:
-        part = slice(start, start + n)
-        outputs.append(_diffuse_one(
-            block_layout(n, spec), q[part], k[part], v[part], alpha=alpha, hops=hops,
-            kernel=kernel, t=t, attn_dropout=attn_dropout, hop_dropout=hop_dropout,
-            training=training))
-        start += n
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+class BlockPlan:
+    """Each sequence's block layout on the device; sequences are computed one after another."""
+
+    name = "block"
+    edge_order = False  # the band is held by blocks, not per edge
+
+    def __init__(self, lengths: Sequence[int], spec: PatternSpec, device: torch.device) -> None:
+        self.layouts = [_layout_on(n, spec, device) for n in lengths]
+        self.starts = np.cumsum([0, *lengths[:-1]]).tolist()
+
+    def _sequences(self, x: torch.Tensor):
+        """``(layout, x of that sequence as (H, n, ...))`` for each sequence of packed ``x``."""
+        heads_first = x.transpose(0, 1)  # a view: no copy
+        for layout, start in zip(self.layouts, self.starts, strict=True):
+            yield layout, heads_first[:, start:start + layout.n]
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        keys = [part for _, part in self._sequences(k)]
+        return tuple(tensor for (layout, query), key in zip(self._sequences(q), keys, strict=True)
+                     for tensor in _attention_parts(layout, query, key))
+
+    def propagate(self, attention: tuple[torch.Tensor, ...], z: torch.Tensor) -> torch.Tensor:
+        outputs = [_propagate_one(layout, attention[PARTS * i:PARTS * (i + 1)], part)
+                   for i, (layout, part) in enumerate(self._sequences(z))]
+        return torch.cat(outputs, dim=1).transpose(0, 1)
+
+    def edge_attention(self, attention: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        raise ValueError("the block engine holds attention in blocks, not per edge; use the "
+                         "dgl or gather engine for edge attention")
