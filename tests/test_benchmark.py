@@ -3,6 +3,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from diffuser_graph import PatternSpec, build_graph, diffusion_attention
@@ -24,6 +25,7 @@ def test_baselines_compute_diffused_attention():
                                rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_suite_writes_table_json_and_plot(tmp_path):
     out = tmp_path / "bench"
     assert bench.main(["--lengths", "128", "256", "--repeats", "1", "--budget", "0.1",

@@ -13,6 +13,7 @@ def test_notebooks_exist():
                                            "03_training.ipynb"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_executes(path, tmp_path, monkeypatch):
     notebook = nbformat.read(path, as_version=4)
