@@ -110,7 +110,7 @@ def test_examples_command_draws_images_and_prints_text(tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["configs/pathfinder-small.yaml", "task.train_size=2", "task.val_size=1", "task.test_size=1"],
      "holds images: pass --out PNG"),
-    (["configs/text-small.yaml", "--count", "0"], "--count must be at least 1"),
+    (["configs/text-small.yaml", "--count", "0"], "--count and --chars must be at least 1"),
 ])
 def test_examples_command_errors(args, message, capsys):
     args[0] = str(REPO / args[0])

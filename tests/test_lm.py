@@ -219,7 +219,7 @@ def test_sample_and_generate_reject_bad_arguments(tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(path), "--prompt", "x", "--tokens", "0"]) == 2
     assert "--tokens and --top-k must be at least 1" in capsys.readouterr().err
     net = DiffuserForCausalLM(lm_config())
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
         net.generate(torch.randint(2, 20, (1, 3)), 2, temperature=-1)
     with pytest.raises(ValueError, match="top_k >= 1"):
         net.generate(torch.randint(2, 20, (1, 3)), 2, top_k=0)

@@ -78,6 +78,8 @@ def diffusion_attention(
         engine: run on this engine instead of the batch's (``"auto"``, ``"dgl"``, ``"block"``,
             ``"gather"``); a bare graph defaults to ``auto`` (DGL on the CPU).
 
+    NaN or infinite inputs are not checked: they reach every token within ``hops`` of them.
+
     Returns:
         ``(N, H, Dv)``, or ``((N, H, Dv), (E, H))`` with ``return_attention``.
     """

@@ -56,12 +56,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def model_from_checkpoint(state: dict[str, Any], expected: type[PretrainedModel] | None = None,
-                          device: torch.device | str | None = None) -> PretrainedModel:
+                          device: torch.device | str | None = None,
+                          engine: str | None = None) -> PretrainedModel:
     """Rebuild the saved model (its recorded class, config and weights) on ``device``.
 
     ``expected``: the class the caller needs (e.g. :class:`DiffuserForCausalLM` to sample); a
     checkpoint of another class is refused. Checkpoints written before the class was recorded
-    are read as ``expected``.
+    are read as ``expected``. ``engine``: compute attention with this engine instead of the
+    saved one (the same function; e.g. ``"gather"`` or ``"auto"`` on a GPU).
     """
     name = state.get("model_class") or (expected.__name__ if expected is not None else None)
     if name is None:
@@ -71,6 +73,8 @@ def model_from_checkpoint(state: dict[str, Any], expected: type[PretrainedModel]
     if expected is not None and name != expected.__name__:
         raise CheckpointError(f"the checkpoint holds a {name}, not a {expected.__name__}")
     config = DiffuserConfig.model_validate_json(state["model_config"])
+    if engine is not None:
+        config = DiffuserConfig.model_validate({**config.model_dump(), "engine": engine})
     try:
         model = MODEL_CLASSES[name](config)
         model.load_state_dict(state["model"])

@@ -8,16 +8,17 @@ tensors handed to the attention functions.
 from __future__ import annotations
 
 import numbers
+import os
 from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import BeforeValidator, Strict
+from pydantic import AfterValidator, BeforeValidator, Field, Strict
 
 
 def _integer(value: Any) -> Any:
     if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"must be an integer, not a boolean ({value!r})")
+        raise ValueError("must be an integer, not a boolean")
     if isinstance(value, np.integer):
         return int(value)
     return value
@@ -25,7 +26,7 @@ def _integer(value: Any) -> Any:
 
 def _number(value: Any) -> Any:
     if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"must be a number, not a boolean ({value!r})")
+        raise ValueError("must be a number, not a boolean")
     if isinstance(value, (np.floating, np.integer)):
         return float(value)
     return value
@@ -35,6 +36,8 @@ def _number(value: Any) -> Any:
 # number but a bool. Both are used with ``Field(ge=..., le=...)`` for ranges.
 Int = Annotated[int, BeforeValidator(_integer), Strict()]
 Float = Annotated[float, BeforeValidator(_number)]
+# A file or folder the user names: not empty, ``~`` expanded.
+UserPath = Annotated[str, Field(min_length=1), AfterValidator(os.path.expanduser)]
 
 
 def as_int(name: str, value: Any, minimum: int | None = None) -> int:

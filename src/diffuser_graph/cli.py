@@ -1,17 +1,23 @@
-"""Command line: ``diffuser-graph train | eval | examples | sample | spectral | pattern``."""
+"""Command line: ``diffuser-graph train | eval | examples | sample | spectral | pattern``.
+
+Every failure is one line on stderr that starts with ``error:`` and names the file, line, key or
+argument at fault, with exit status 2; ``--debug`` shows the traceback instead. Dotted overrides
+(``model.hops=3``) may come before or after the flags.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
-import yaml
 
-from .config import ConfigError, apply_overrides, load_config, validate_config
+from .config import ConfigError, apply_overrides, load_config, load_yaml, validate_config
 
 TRAIN_EXAMPLES = """examples:
   diffuser-graph train configs/listops-small.yaml
@@ -54,12 +60,7 @@ def _pattern_fields(config: str | None, fields: Sequence[str]) -> dict:
     """PatternSpec fields from an optional YAML file (the spec, or a ``pattern:`` section)."""
     data: dict = {}
     if config is not None:
-        try:
-            data = yaml.safe_load(Path(config).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"pattern config {config} does not exist") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"pattern config {config} is not valid YAML: {err}") from None
+        data = load_yaml(config, "pattern config")
         if isinstance(data, dict) and isinstance(data.get("pattern"), dict):
             data = data["pattern"]
     if not isinstance(data, dict):
@@ -67,28 +68,40 @@ def _pattern_fields(config: str | None, fields: Sequence[str]) -> dict:
     return apply_overrides(data, fields)
 
 
+def _check_figure_path(out: str | None) -> None:
+    """Refuse an unusable ``--out`` before any work: a folder, no suffix, no writable folder."""
+    if out is None:
+        return
+    from .io import check_output_path
+
+    if not check_output_path(out).suffix:
+        raise ConfigError(f"--out {out}: give a file name with a format suffix, e.g. .png")
+
+
 def _train(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
     from .train import RunConfig, train
 
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ConfigError(f"--stop-after must be a step >= 1, got {args.stop_after}")
     config = load_config(args.config, RunConfig, args.overrides)
-    try:
-        train(config, resume=args.resume, stop_after=args.stop_after, progress=not args.quiet)
-    except CheckpointError as err:
-        raise ConfigError(str(err)) from None
-    print(f"run folder: {config.out_dir}")
+    result = train(config, resume=args.resume, stop_after=args.stop_after,
+                   progress=not args.quiet)
+    if "stopped_at" in result:
+        why = f"on {result['signal']}" if result.get("signal") else "as asked (--stop-after)"
+        overrides = "".join(f" {item}" for item in args.overrides)
+        print(f"stopped {why} at step {result['stopped_at']} with last.pt saved in "
+              f"{config.out_dir}; continue with: diffuser-graph train {args.config}{overrides} "
+              f"--resume")
+    else:
+        print(f"run folder: {config.out_dir}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
     from .train import RunConfig, evaluate_checkpoint
 
     config = load_config(args.config, RunConfig, args.overrides)
-    try:
-        results = evaluate_checkpoint(config, args.checkpoint, args.out)
-    except CheckpointError as err:
-        raise ConfigError(str(err)) from None
+    results = evaluate_checkpoint(config, args.checkpoint, args.out)
     print(json.dumps(results, indent=1))
     return 0
 
@@ -97,8 +110,10 @@ def _examples(args: argparse.Namespace) -> int:
     from .tasks import Split, load_task
     from .train import RunConfig
 
-    if args.count < 1:
-        raise ConfigError(f"--count must be at least 1, got {args.count}")
+    if args.count < 1 or args.chars < 1:
+        raise ConfigError(f"--count and --chars must be at least 1, got {args.count}, "
+                          f"{args.chars}")
+    _check_figure_path(args.out)
     config = load_config(args.config, RunConfig, args.overrides)
     data = load_task(config.task, config.seed)
     split = {"train": data.train, "val": data.val, "test": data.test}[args.split]
@@ -133,8 +148,9 @@ def _sample(args: argparse.Namespace) -> int:
     from .model import DiffuserForCausalLM
     from .tasks.vocab import decode_bytes, encode_bytes
 
-    if args.tokens < 1 or args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
-        raise ConfigError("--tokens and --top-k must be at least 1, --temperature at least 0")
+    if args.tokens < 1 or not math.isfinite(args.temperature) or args.temperature < 0 or (
+            args.top_k is not None and args.top_k < 1):
+        raise ConfigError("--tokens and --top-k must be at least 1, --temperature a number >= 0")
     try:
         model = model_from_checkpoint(load_checkpoint(args.checkpoint), DiffuserForCausalLM)
     except CheckpointError as err:
@@ -158,7 +174,10 @@ def _spectral(args: argparse.Namespace) -> int:
     from .spectral_sweep import SpectralConfig, run_spectral
 
     config = load_config(args.config, SpectralConfig, args.overrides)
-    out = run_spectral(config, args.out, progress=not args.quiet)
+    out = Path(args.out or config.out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; the spectral command writes a folder")
+    out = run_spectral(config, out, progress=not args.quiet)
     print((out / "results.md").read_text())
     print(f"wrote results.json, results.csv, results.md and PNG plots to {out}")
     return 0
@@ -170,11 +189,12 @@ def _pattern(args: argparse.Namespace) -> int:
     from .reach import reach_stats, ua_conditions
     from .spectral import spectral_stats
 
+    if args.length < 2 or args.hops < 1:
+        raise ConfigError(f"--length must be at least 2 and --hops at least 1, got "
+                          f"{args.length}, {args.hops}")
+    _check_figure_path(args.out)
     spec = validate_config(_pattern_fields(args.config, args.fields), PatternSpec, "pattern")
-    try:
-        g = build_graph(args.length, spec)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    g = build_graph(args.length, spec)
     query = args.length // 2 if args.query is None else args.query
     if not 0 <= query < args.length:
         raise ConfigError(f"--query must be in [0, {args.length}), got {query}")
@@ -209,8 +229,24 @@ def _pattern(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _is_override(token: str) -> bool:
+    return "=" in token and not token.startswith("-")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    debug = Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true",
+                       help="show the full traceback of an error instead of one line")
+    parser = Parser(
+        parents=[debug],
         prog="diffuser-graph",
         description="Diffuser (multi-hop attention diffusion) on DGL: training, evaluation, "
                     "pattern and spectral tools.",
@@ -224,12 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     def config_command(name: str, help: str, description: str, epilog: str, handler,
                        config_help: str) -> argparse.ArgumentParser:
-        command = commands.add_parser(name, help=help, description=description, epilog=epilog,
-                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-        command.add_argument("config", help=config_help)
-        command.add_argument("overrides", nargs="*", metavar="key.path=value",
-                             help="dotted overrides applied on top of the YAML")
-        command.set_defaults(handler=handler)
+        command = commands.add_parser(
+            name, help=help, description=description, epilog=epilog, parents=[debug],
+            usage=f"diffuser-graph {name} CONFIG [key.path=value ...] [options]",
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+        command.add_argument("config", help=config_help + "; then any dotted overrides "
+                                                          "(key.path=value), before or after the "
+                                                          "options")
+        command.set_defaults(handler=handler, takes_overrides=True)
         return command
 
     train = config_command(
@@ -270,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="characters of each text example to print (default 400)")
 
     sample = commands.add_parser(
-        "sample", help="continue a prompt with a trained language model",
+        "sample", parents=[debug], help="continue a prompt with a trained language model",
         description="Sample bytes from a language-model checkpoint (an lm task's best.pt or "
                     "last.pt) after a prompt; stops at the model's max_positions.",
         epilog=SAMPLE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -284,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(handler=_sample)
 
     pattern = commands.add_parser(
-        "pattern", help="statistics (and a picture) of one pattern at one length",
+        "pattern", parents=[debug], help="statistics (and a picture) of one pattern at one length",
         description="Build one pattern (PatternSpec fields as key=value) and print its edge "
                     "count, spectral statistics, K-hop coverage and UA conditions.",
         epilog=PATTERN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -305,12 +343,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; dotted overrides may stand anywhere after CONFIG."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides = [token for token in rest if _is_override(token)]
+    unknown = [token for token in rest if not _is_override(token)]
+    if unknown or (overrides and not getattr(args, "takes_overrides", False)):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    args.overrides = overrides
+    return args
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line: several problems are joined by ';'."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "") if lines else ""
+    if isinstance(err, (ValueError, OSError)):  # what users cause: bad configs, files, inputs
+        return text or type(err).__name__
+    return f"{type(err).__name__}: {text} (unexpected: run again with --debug for the traceback)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse(argv)
+    except SystemExit as done:  # --help, or a usage error already printed on one line
+        return done.code if isinstance(done.code, int) else 2
     try:
         return args.handler(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
 
 

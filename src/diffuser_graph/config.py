@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pydantic
 import yaml
+
+from .io import DataError, read_text
 
 Model = TypeVar("Model", bound=pydantic.BaseModel)
 
@@ -73,16 +74,42 @@ def validate_config(data: Any, model: type[Model], source: str = "config") -> Mo
         raise ConfigError(f"{source} is invalid:\n{describe_validation_error(err)}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML
+    would silently keep the last one, e.g. the second of two ``model:`` sections)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {first_line[key]})",
+                    key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(path: str | os.PathLike, what: str = "config file") -> Any:
+    """The YAML document in ``path`` (UTF-8, no duplicate keys; an empty file is ``{}``).
+    Every problem raises :class:`ConfigError` naming the file and, where known, the line."""
+    try:
+        text = read_text(path)
+    except DataError as err:
+        raise ConfigError(f"{what} {err}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{what} {where}: not valid YAML: {problem}") from None
+
+
 def load_config(path: str | os.PathLike, model: type[Model],
                 overrides: Iterable[str] = ()) -> Model:
     """Read YAML at ``path``, apply dotted ``overrides`` and validate against ``model``."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    data = load_yaml(path)
     overrides = list(overrides)
     source = str(path) + (f" with overrides {overrides}" if overrides else "")
     return validate_config(apply_overrides(data, overrides) if isinstance(data, dict) else data,

@@ -11,6 +11,7 @@ plan on the model's device) that every layer shares.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,6 +319,12 @@ class DiffuserForCausalLM(PretrainedModel):
         self.encoder = DiffuserEncoder(config)
         self.lm_head = nn.Linear(config.hidden_size, self.vocab_size, bias=False)
         self.lm_head.weight = self.encoder.tokens.weight
+        # The tied table is also the output layer: at nn.Embedding's N(0, 1) the untrained logits
+        # have a spread of sqrt(hidden_size) and the loss starts far above ln(vocab). GPT-2's
+        # N(0, 0.02^2) starts it at ln(vocab); the input side is unaffected (LayerNorm follows).
+        with torch.no_grad():
+            nn.init.normal_(self.encoder.tokens.weight, std=0.02)
+            self.encoder.tokens.weight[config.pad_token_id].zero_()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None):
@@ -343,9 +350,10 @@ class DiffuserForCausalLM(PretrainedModel):
         ``temperature=0`` is greedy decoding; ``top_k`` samples among the k likeliest tokens.
         Each step runs the whole sequence again (no key/value cache).
         """
-        if temperature < 0 or (top_k is not None and top_k < 1):
-            raise ValueError(f"temperature must be >= 0 and top_k >= 1, got {temperature}, "
-                             f"{top_k}")
+        if not math.isfinite(temperature) or temperature < 0 or (top_k is not None
+                                                                 and top_k < 1):
+            raise ValueError(f"temperature must be a finite number >= 0 and top_k >= 1, got "
+                             f"{temperature}, {top_k}")
         if input_ids.shape[1] + max_new_tokens > self.config.max_positions:
             raise ValueError(f"{input_ids.shape[1]} + {max_new_tokens} tokens exceed "
                              f"max_positions ({self.config.max_positions})")

@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm import tqdm
 
-from .checks import Float, Int
+from .checks import Float, Int, UserPath
 from .config import dump_config
 from .diffusion import HeatTime, Hops
 from .engines.dgl import edge_attention
@@ -77,7 +77,7 @@ class SpectralConfig(BaseModel):
     samples: Int = Field(default=64, ge=1)
     histogram_len: Int = Field(default=1024, ge=16, le=4096)
     diffusion: DiffusionProbe = DiffusionProbe()
-    out_dir: str = "runs/spectral"
+    out_dir: UserPath = "runs/spectral"
     seed: Int = Field(default=0, ge=0)
 
     @field_validator("seq_lens")
@@ -88,10 +88,16 @@ class SpectralConfig(BaseModel):
         return sorted(set(value))
 
     @model_validator(mode="after")
-    def _known_regular_variant(self) -> SpectralConfig:
+    def _variants_fit(self) -> SpectralConfig:
         if self.regular_like is not None and self.regular_like not in self.variants:
             raise ValueError(f"regular_like must name a variant ({sorted(self.variants)}) or be "
                              f"null, got {self.regular_like!r}")
+        for name, spec in self.variants.items():
+            if not any(_fits(spec, n) for n in self.seq_lens):
+                raise ValueError(f"variant {name!r} (kind {spec.kind}, max_len {spec.max_len}) "
+                                 f"fits none of seq_lens {self.seq_lens}")
+        if not any(_fits(spec, self.histogram_len) for spec in self.variants.values()):
+            raise ValueError(f"no variant fits histogram_len ({self.histogram_len}); lower it")
         return self
 
     def seeded_variants(self) -> dict[str, PatternSpec]:
@@ -180,8 +186,7 @@ def run_spectral(config: SpectralConfig, out_dir: Path | None = None,
                  progress: bool = True) -> Path:
     """Run the sweep and write every output; returns the output folder."""
     out = Path(out_dir or config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    frame = sweep(config, progress=progress)
+    frame = sweep(config, progress=progress)  # all the work first: nothing is written on failure
     variants = config.seeded_variants()
     hist_n = config.histogram_len
     graphs = {name: build_graph(hist_n, spec) for name, spec in variants.items()

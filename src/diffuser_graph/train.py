@@ -25,7 +25,11 @@ import json
 import math
 import os
 import re
-from contextlib import AbstractContextManager, nullcontext
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,9 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from .checks import Float, Int
+from .checks import Float, Int, UserPath
 from .config import ConfigError, dump_config
-from .io import atomic_save_figure, atomic_write_text
+from .io import atomic_save_figure, atomic_write_text, check_output_path
 from .model import (
     DiffuserConfig,
     DiffuserForCausalLM,
@@ -85,7 +89,7 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     seed: Int = Field(default=0, ge=0)
-    out_dir: str = "runs/run"
+    out_dir: UserPath = "runs/run"
     task: TaskConfig
     model: DiffuserConfig = DiffuserConfig()
     train: TrainSettings = TrainSettings()
@@ -277,6 +281,35 @@ class RunFolder:
         self.path = Path(out_dir)
         self.last, self.best = self.path / "last.pt", self.path / "best.pt"
         self.metrics, self.results = self.path / "metrics.jsonl", self.path / "results.json"
+        self.lock_file = self.path / ".lock"
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for this process: ``.lock`` names its process id. A lock left by a
+        process that no longer runs is taken over, with a warning; a live one is refused."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"out_dir {self.path} is a file, not a folder")
+        self.path.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                handle = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _lock_holder(self.lock_file)
+                if holder is not None and _running(holder):
+                    raise ConfigError(f"{self.path} is in use by another run (process {holder}); "
+                                      f"wait for it to end, or choose another out_dir") from None
+                print(f"warning: taking over {self.lock_file} from process {holder}, which no "
+                      f"longer runs", file=sys.stderr)
+                self.lock_file.unlink(missing_ok=True)
+                continue
+            with os.fdopen(handle, "w") as written:
+                written.write(f"{os.getpid()}\n")
+            break
+        try:
+            yield
+        finally:
+            if _lock_holder(self.lock_file) == os.getpid():
+                self.lock_file.unlink(missing_ok=True)
 
     def start(self, config: RunConfig, model_config: DiffuserConfig, kept_until: int) -> None:
         """Write the resolved config and keep only the metrics up to step ``kept_until`` (the
@@ -294,6 +327,23 @@ class RunFolder:
     def plot(self) -> None:
         atomic_save_figure(self.path / "curves.png", plot_curves(
             read_metrics(self.metrics)), dpi=100)
+
+
+def _lock_holder(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # a process of another user
+    return True
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -316,47 +366,112 @@ def prepare(config: RunConfig) -> tuple[TaskData, DiffuserConfig]:
     return data, model_config
 
 
+RESUMABLE = ("train.max_steps", "train.threads", "train.device", "train.eval_batch_size",
+             "out_dir")  # how and where a run computes, not what it computes
+
+
+def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (e.g. ``model.hops``)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [key for k in sorted(set(a) | set(b), key=str)
+                for key in differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".") or "(top level)"]
+
+
 def _checkpoint(path: Path, model: PretrainedModel, optimizer: torch.optim.Optimizer,
-                scheduler: Any, step: int, best_score: float, config: RunConfig) -> None:
-    rng = {"rng": torch.get_rng_state()}
+                scheduler: Any, step: int, best_score: float, meter: Meter,
+                config: RunConfig) -> None:
+    rng: dict[str, Any] = {"rng": torch.get_rng_state()}
     if torch.cuda.is_available():
-        rng["cuda_rng"] = torch.cuda.get_rng_state_all()  # type: ignore[assignment]
+        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
     save_checkpoint(path, model, step, optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(), best_score=best_score,
+                    meter=[meter.loss, meter.correct, meter.seen],
                     run_config=config.model_dump_json(), **rng)
 
 
 def _restore(folder: RunFolder, config: RunConfig, model: torch.nn.Module,
-             optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, float]:
-    """Load ``last.pt`` into the model, optimizer, scheduler and RNGs; (step, best score)."""
+             optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple[int, float, Meter]:
+    """Load ``last.pt`` into the model, optimizer, scheduler and RNGs; (step, best score, the
+    running training metrics since the last log)."""
     state = load_checkpoint(folder.last)
-    saved = RunConfig.model_validate_json(state["run_config"])
-    if saved.model_dump(exclude={"train": {"max_steps"}}) != config.model_dump(
-            exclude={"train": {"max_steps"}}):
-        raise ConfigError(f"the config differs from the one {folder.path} was started with "
-                          f"(only train.max_steps may change on resume); see "
-                          f"{folder.path / 'config.yaml'}")
+    best = state.get("best_score", state.get("best_accuracy", -math.inf))  # older runs: accuracy
+    if best > -math.inf and not folder.best.is_file():  # an evaluation has written best.pt
+        raise ConfigError(f"{folder.best} is missing, so the resumed run could not keep its "
+                          f"best checkpoint; put it back, or start a new run in another out_dir")
+    saved = RunConfig.model_validate_json(state["run_config"]).model_dump(mode="json")
+    changed = [key for key in differences(saved, config.model_dump(mode="json"))
+               if key not in RESUMABLE]
+    if changed:
+        raise ConfigError(f"the config differs from the one {folder.path} was started with in "
+                          f"{', '.join(changed)} (on resume only {', '.join(RESUMABLE)} may "
+                          f"change); see {folder.path / 'config.yaml'}")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    best = state.get("best_score", state.get("best_accuracy", -math.inf))  # older runs: accuracy
-    return int(state["step"]), float(best)
+    meter = Meter()
+    if "meter" in state:
+        meter.loss, meter.correct, meter.seen = state["meter"]
+    return int(state["step"]), float(best), meter
+
+
+class StopRequests:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) ask the loop to stop after the
+    current step, with a checkpoint; a second signal acts as usual."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, number: int, frame: Any) -> None:
+        self.received = signal.Signals(number).name
+        signal.signal(number, self._previous[number])
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():  # signals go to the main thread
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def agreed(self, run: Runtime) -> bool:
+        """Whether any process was asked to stop (every process must stop at the same step)."""
+        if run.world == 1:
+            return self.received is not None
+        flag = torch.tensor([float(self.received is not None)], device=run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def train(config: RunConfig, *, resume: bool = False, stop_after: int | None = None,
           progress: bool = True) -> dict:
-    """Train ``config``; returns the final metrics. ``stop_after``: stop (with a checkpoint)
-    after that many optimizer steps, as a preemption would; ``resume`` continues from
-    ``last.pt`` in ``config.out_dir``."""
-    # -- setup: processes, device, precision, run folder
+    """Train ``config``; returns the final metrics, or ``{"stopped_at": step}`` when it stops
+    early with ``last.pt`` saved: at step ``stop_after`` (as a preemption would), or on SIGINT /
+    SIGTERM (then also ``"signal"``). ``resume`` continues exactly from ``last.pt`` in
+    ``config.out_dir``. The run folder is locked while this process writes to it."""
     run = Runtime.start(config.train)
-    settings, folder = config.train, RunFolder(config.out_dir)
+    folder = RunFolder(config.out_dir)
+    with folder.lock() if run.rank == 0 else nullcontext():
+        return _train(config, run, folder, resume, stop_after, progress)
+
+
+def _train(config: RunConfig, run: Runtime, folder: RunFolder, resume: bool,
+           stop_after: int | None, progress: bool) -> dict:
+    # -- checks before any work
+    settings = config.train
     if settings.batch_size % run.world:
         raise ConfigError(f"train.batch_size ({settings.batch_size}) must be divisible by the "
                           f"number of processes ({run.world})")
+    if stop_after is not None and stop_after < 1:
+        raise ConfigError(f"--stop-after must be a step >= 1, got {stop_after}")
     if not resume and folder.last.exists():
         raise ConfigError(f"{folder.path} already holds a run (last.pt); pass --resume to "
                           f"continue it or choose another out_dir")
@@ -367,9 +482,13 @@ def train(config: RunConfig, *, resume: bool = False, stop_after: int | None = N
     model = build_model(model_config, data).to(run.device)
     optimizer = make_optimizer(model, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
-    start_step, best_score = 0, -math.inf
+    start_step, best_score, meter = 0, -math.inf, Meter()
     if resume:
-        start_step, best_score = _restore(folder, config, model, optimizer, scheduler)
+        start_step, best_score, meter = _restore(folder, config, model, optimizer, scheduler)
+    end = min(settings.max_steps, stop_after or settings.max_steps)
+    if stop_after is not None and stop_after <= start_step:
+        raise ConfigError(f"{folder.path} is already at step {start_step}; --stop-after "
+                          f"{stop_after} would train nothing")
     if run.rank == 0:
         folder.start(config, model_config, kept_until=start_step)
     net = torch.nn.parallel.DistributedDataParallel(
@@ -378,47 +497,56 @@ def train(config: RunConfig, *, resume: bool = False, stop_after: int | None = N
     order = BatchOrder(len(data.train), settings.batch_size, config.seed)
     model.train()
 
-    # -- the loop: accumulate micro-batches, step, log, evaluate and checkpoint
-    end = min(settings.max_steps, stop_after) if stop_after else settings.max_steps
+    # -- the loop: accumulate micro-batches, step, log, evaluate, checkpoint; stop when asked
     bar = tqdm(range(start_step + 1, end + 1), desc="train", initial=start_step, total=end,
                disable=not progress or run.rank != 0)
-    meter = Meter()
-    for step in bar:
-        for micro in range(settings.grad_accum):
-            indices = order.indices((step - 1) * settings.grad_accum + micro)
-            batch = to_device(collate(data.train, indices[run.rank::run.world]), run.device)
-            last_micro = micro == settings.grad_accum - 1
-            with nullcontext() if run.world == 1 or last_micro else net.no_sync():
-                with run.autocast():
-                    loss, logits = net(**batch)
-                (loss / settings.grad_accum).backward()
-            meter.add(loss, logits, batch["labels"])
-        if settings.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    with StopRequests() as stop:
+        for step in bar:
+            for micro in range(settings.grad_accum):
+                indices = order.indices((step - 1) * settings.grad_accum + micro)
+                batch = to_device(collate(data.train, indices[run.rank::run.world]), run.device)
+                last_micro = micro == settings.grad_accum - 1
+                with nullcontext() if run.world == 1 or last_micro else net.no_sync():
+                    with run.autocast():
+                        loss, logits = net(**batch)
+                    (loss / settings.grad_accum).backward()
+                meter.add(loss, logits, batch["labels"])
+            if settings.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-        if run.rank == 0 and (step % settings.log_every == 0 or step == end):
-            record = {"step": step, "split": "train", **meter.summary(data.head),
-                      "lr": scheduler.get_last_lr()[0]}
-            folder.log(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
-            meter = Meter()
-        if step % settings.eval_every == 0 or step == end:
-            if run.rank == 0:
-                val = evaluate(model, data.val, settings.eval_batch_size, data.head,
-                               run.precision)
-                folder.log({"step": step, "split": "val", **val})
-                if score(val, data.head) > best_score:
-                    best_score = score(val, data.head)
-                    _checkpoint(folder.best, model, optimizer, scheduler, step, best_score, config)
-                _checkpoint(folder.last, model, optimizer, scheduler, step, best_score, config)
-                folder.plot()
-            run.barrier()
+            finished = step == settings.max_steps
+            if run.rank == 0 and (step % settings.log_every == 0 or finished):
+                record = {"step": step, "split": "train", **meter.summary(data.head),
+                          "lr": scheduler.get_last_lr()[0]}
+                folder.log(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
+                meter = Meter()
+            stopping = step == end or stop.agreed(run)
+            if step % settings.eval_every == 0 or finished:
+                if run.rank == 0:
+                    val = evaluate(model, data.val, settings.eval_batch_size, data.head,
+                                   run.precision)
+                    folder.log({"step": step, "split": "val", **val})
+                    if score(val, data.head) > best_score:
+                        best_score = score(val, data.head)
+                        _checkpoint(folder.best, model, optimizer, scheduler, step, best_score,
+                                    meter, config)
+                    _checkpoint(folder.last, model, optimizer, scheduler, step, best_score,
+                                meter, config)
+                    folder.plot()
+                run.barrier()
+            elif stopping and run.rank == 0:  # between evaluations: last.pt only, nothing logged
+                _checkpoint(folder.last, model, optimizer, scheduler, step, best_score, meter,
+                            config)
+            if stopping and not finished:
+                bar.close()
+                run.barrier()
+                stopped: dict = {"stopped_at": step}
+                return {**stopped, "signal": stop.received} if stop.received else stopped
     bar.close()
-    if end < settings.max_steps:
-        return {"stopped_at": end}
     return finish(config, data, run)
 
 
@@ -459,10 +587,10 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def model_for_task(state: dict, data: TaskData, device: torch.device | None = None
-                   ) -> PretrainedModel:
+def model_for_task(state: dict, data: TaskData, device: torch.device | None = None,
+                   engine: str | None = None) -> PretrainedModel:
     """The checkpoint's model, refused unless it was trained for this task's head and sizes."""
-    model = model_from_checkpoint(state, MODELS[data.head], device)
+    model = model_from_checkpoint(state, MODELS[data.head], device, engine=engine)
     config = model.config
     if (config.vocab_size, config.num_labels) != (data.vocab_size, data.num_labels):
         raise CheckpointError(
@@ -471,14 +599,40 @@ def model_for_task(state: dict, data: TaskData, device: torch.device | None = No
     return model
 
 
+# Settings that do not change what an evaluated model computes: how attention is computed and
+# the dropouts (off in evaluation). Any other difference between a config and a checkpoint is
+# an error, not something to ignore.
+EVALUATION_INDEPENDENT = ("engine", "dropout", "attn_dropout", "hop_dropout")
+
+
 def evaluate_checkpoint(config: RunConfig, checkpoint: str | Path,
                         out: str | Path | None = None) -> dict:
-    """Test (and val) metrics of a checkpoint on ``config``'s task; writes ``eval.json``."""
+    """Test (and val) metrics of a checkpoint on ``config``'s task; writes ``eval.json`` (or
+    ``out``). The config's ``model`` section must describe the checkpoint's model; its engine
+    is used to compute."""
+    target = check_output_path(out or Path(checkpoint).with_name("eval.json"),
+                               inputs=(checkpoint,))
     state = load_checkpoint(checkpoint)
     data = load_task(config.task, config.seed)
-    model = model_for_task(state, data, resolve_device(config.train.device))
+    saved = json.loads(state["model_config"])
+    wanted = config.model.resolved(data.vocab_size, data.num_labels).model_dump(mode="json")
+    changed = [key for key in differences(saved, wanted) if key not in EVALUATION_INDEPENDENT]
+    if changed:
+        raise CheckpointError(
+            "the config's model section differs from the checkpoint's in "
+            + ", ".join(f"{key} (config {_lookup(wanted, key)!r}, checkpoint "
+                        f"{_lookup(saved, key)!r})" for key in changed)
+            + "; evaluate with the config the model was trained with (config.yaml in its run "
+              "folder)")
+    model = model_for_task(state, data, resolve_device(config.train.device),
+                           engine=config.model.engine)
     results = {"checkpoint": str(checkpoint), "step": int(state["step"]),
                **split_results(model, data, config)}
-    target = Path(out) if out else Path(checkpoint).with_name("eval.json")
     atomic_write_text(target, json.dumps(results, indent=1))
     return results
+
+
+def _lookup(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data

@@ -17,21 +17,23 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ..io import DataError
 from .vocab import IGNORE_INDEX, PAD_ID
 
 Indices = Sequence[int] | np.ndarray
 
 
-class DataError(ValueError):
-    """A data file that cannot be used; the message names the file and line."""
-
-    def __init__(self, path: Path | str, line: int | None, problem: str) -> None:
-        where = f"{path}:{line}" if line is not None else str(path)
-        super().__init__(f"{where}: {problem}")
+def check_folder(folder: Path) -> Path:
+    """``folder`` if it is an existing folder, else :class:`DataError` saying what it is."""
+    if not folder.is_dir():
+        raise DataError(folder, None, "is a file, not a folder" if folder.exists()
+                        else "folder does not exist")
+    return folder
 
 
 def find_split_file(folder: Path, split: str, names: Sequence[str]) -> Path:
     """The first of ``names`` that exists in ``folder``; the error lists every name tried."""
+    check_folder(folder)
     for name in names:
         if (folder / name).is_file():
             return folder / name

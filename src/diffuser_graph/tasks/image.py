@@ -20,8 +20,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..checks import Float
-from .base import DataError, Split, TaskData
+from ..checks import Float, UserPath
+from .base import DataError, Split, TaskData, check_folder
 from .vocab import NUM_SPECIAL
 
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -35,7 +35,7 @@ class ImageTask(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["image"] = "image"
     source: Literal["digits", "cifar10"] = "digits"
-    path: str | None = None  # folder of the CIFAR-10 python batches
+    path: UserPath | None = None  # folder of the CIFAR-10 python batches
     val_fraction: Float = Field(default=0.1, gt=0, lt=1)
     test_fraction: Float = Field(default=0.2, gt=0, lt=1)  # digits only: CIFAR has a test batch
 
@@ -44,6 +44,9 @@ class ImageTask(BaseModel):
         if self.source == "cifar10" and self.path is None:
             raise ValueError("source 'cifar10' needs path: the folder with data_batch_1..5 and "
                              "test_batch")
+        if self.source == "digits" and self.path is not None:
+            raise ValueError(f"path ({self.path}) is only read with source: cifar10; the digits "
+                             f"are built in (set source: cifar10, or leave path out)")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be < 1")
         return self
@@ -107,7 +110,7 @@ def load(task: ImageTask, seed: int) -> TaskData:
         levels = 17
     else:
         assert task.path is not None  # required for cifar10 by the config validator
-        folder = Path(task.path)
+        folder = check_folder(Path(task.path))
         batches = [read_cifar_batch(folder / name) for name in CIFAR_TRAIN]
         pixels = np.concatenate([b[0] for b in batches])
         labels = np.concatenate([b[1] for b in batches])

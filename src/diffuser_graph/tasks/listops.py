@@ -9,7 +9,6 @@ with a header; ``basic_train.tsv``, ``basic_val.tsv``, ``basic_test.tsv``).
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -17,8 +16,9 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..checks import Float, Int
-from .base import DataError, Split, TaskData
+from ..checks import Float, Int, UserPath
+from ..io import read_rows
+from .base import DataError, Split, TaskData, check_folder
 from .vocab import CLS_ID
 
 OPERATORS = ("[MAX", "[MIN", "[MED", "[SM")
@@ -35,7 +35,7 @@ class ListOpsTask(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["listops"] = "listops"
-    path: str | None = None  # folder with LRA's basic_{train,val,test}.tsv
+    path: UserPath | None = None  # folder with LRA's basic_{train,val,test}.tsv
     max_depth: Int = Field(default=10, ge=1)
     max_args: Int = Field(default=10, ge=2)
     min_length: Int = Field(default=500, ge=1)
@@ -167,36 +167,32 @@ def generate(task: ListOpsTask, size: int, rng: np.random.Generator,
 
 def read_lra_tsv(path: Path) -> Split:
     """LRA's ListOps TSV: header ``Source<TAB>Target``; parentheses in sources are ignored."""
-    if not path.is_file():
-        raise DataError(path, None, "file does not exist")
     sequences, labels = [], []
-    with path.open(newline="", encoding="utf-8") as handle:
-        rows = csv.reader(handle, delimiter="\t")
-        header = next(rows, None)
-        if header is None:
-            raise DataError(path, None, "file is empty")
-        if [h.strip() for h in header] != ["Source", "Target"]:
-            raise DataError(path, 1, f"header must be 'Source<TAB>Target', got {header}")
-        for line, row in enumerate(rows, start=2):
-            if len(row) != 2:
-                raise DataError(path, line, f"expected 2 tab-separated columns, got {len(row)}")
-            tokens = [t for t in row[0].replace("(", " ").replace(")", " ").split()]
-            try:
-                tree = parse(tokens)
-            except ValueError as err:
-                raise DataError(path, line, f"malformed expression: {err}") from None
-            try:
-                label = int(row[1])
-            except ValueError:
-                raise DataError(path, line,
-                                f"label must be an integer 0-9, got {row[1]!r}") from None
-            if not 0 <= label <= 9:
-                raise DataError(path, line, f"label must be in 0-9, got {label}")
-            if evaluate(tree) != label:
-                raise DataError(path, line, f"label {label} disagrees with the expression's "
-                                            f"value {evaluate(tree)}")
-            sequences.append(encode(tokens))
-            labels.append(label)
+    rows = read_rows(path, delimiter="\t")
+    first = next(rows, None)
+    if first is None:
+        raise DataError(path, None, "file is empty")
+    if [h.strip() for h in first[1]] != ["Source", "Target"]:
+        raise DataError(path, first[0], f"header must be 'Source<TAB>Target', got {first[1]}")
+    for line, row in rows:
+        if len(row) != 2:
+            raise DataError(path, line, f"expected 2 tab-separated columns, got {len(row)}")
+        tokens = row[0].replace("(", " ").replace(")", " ").split()
+        try:
+            tree = parse(tokens)
+        except ValueError as err:
+            raise DataError(path, line, f"malformed expression: {err}") from None
+        try:
+            label = int(row[1])
+        except ValueError:
+            raise DataError(path, line, f"label must be an integer 0-9, got {row[1]!r}") from None
+        if not 0 <= label <= 9:
+            raise DataError(path, line, f"label must be in 0-9, got {label}")
+        if evaluate(tree) != label:
+            raise DataError(path, line, f"label {label} disagrees with the expression's "
+                                        f"value {evaluate(tree)}")
+        sequences.append(encode(tokens))
+        labels.append(label)
     if not sequences:
         raise DataError(path, None, "file has a header but no examples")
     return Split(sequences, np.array(labels))
@@ -205,7 +201,7 @@ def read_lra_tsv(path: Path) -> Split:
 def load(task: ListOpsTask, seed: int) -> TaskData:
     """Generated splits (deterministic in ``seed``) or LRA's TSV files under ``task.path``."""
     if task.path is not None:
-        folder = Path(task.path)
+        folder = check_folder(Path(task.path))
         splits = {name: read_lra_tsv(folder / file) for name, file in LRA_FILES.items()}
     else:
         rng = np.random.default_rng([seed, 0x11570])

@@ -29,7 +29,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..checks import Float, Int
+from ..checks import Float, Int, UserPath
+from ..io import read_text
 from .base import DataError, TaskData, TokenSplit, find_split_file
 from .vocab import BYTE_VOCAB_SIZE, decode_bytes, encode_bytes
 
@@ -46,7 +47,7 @@ class LMTask(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["lm"] = "lm"
-    path: str | None = None  # a text file, or a folder of train/valid/test .txt files
+    path: UserPath | None = None  # a text file, or a folder of train/valid/test .txt files
     corpus: Literal["python-docs", "python-source"] = "python-docs"  # used without a path
     seq_len: Int = Field(default=512, ge=2)  # bytes per example (inputs; targets are shifted)
     max_bytes: Int | None = Field(default=None, ge=1)  # use only the first max_bytes of text
@@ -60,16 +61,9 @@ class LMTask(BaseModel):
         return self
 
 
-def read_text(path: Path) -> bytes:
-    """A UTF-8 text file's bytes; the error names the line of the first invalid byte."""
-    if not path.is_file():
-        raise DataError(path, None, "file does not exist")
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise DataError(path, line, f"not UTF-8 text (byte {err.start}: {err.reason})") from None
+def read_bytes(path: Path) -> bytes:
+    """A UTF-8 text file's bytes; errors name the file (and the line of an invalid byte)."""
+    data = read_text(path).encode("utf-8")
     if not data:
         raise DataError(path, None, "file is empty")
     return data
@@ -113,13 +107,13 @@ def load(task: LMTask, seed: int) -> TaskData:  # the text fixes the data: seed 
         folder = Path(task.path)
         files = {name: find_split_file(folder, name, names)
                  for name, names in FOLDER_FILES.items()}
-        parts = {name: read_text(path)[:task.max_bytes] for name, path in files.items()}
+        parts = {name: read_bytes(path)[:task.max_bytes] for name, path in files.items()}
         where = {name: str(path) for name, path in files.items()}
         source = f"{folder}: " + ", ".join(f"{p.name} {len(parts[n])} bytes"
                                            for n, p in files.items())
     else:
         if task.path is not None:
-            text, source = read_text(Path(task.path)), task.path
+            text, source = read_bytes(Path(task.path)), task.path
         else:
             text, source = python_corpus(task.corpus)
         text = text[:task.max_bytes]

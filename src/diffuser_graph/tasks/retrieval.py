@@ -25,7 +25,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..checks import Int
+from ..checks import Int, UserPath
+from ..io import read_text
 from .base import DataError, Split, TaskData, find_split_file
 from .text import encode
 from .vocab import BYTE_VOCAB_SIZE, decode_bytes
@@ -45,7 +46,7 @@ class RetrievalTask(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["retrieval"] = "retrieval"
-    path: str | None = None
+    path: UserPath | None = None
     max_length: Int = Field(default=4000, ge=2)  # tokens per document incl. <cls>; truncates
     num_topics: Int = Field(default=16, ge=2)
     topic_words: Int = Field(default=4, ge=1)
@@ -82,22 +83,17 @@ def _parse_label(raw: str, path: Path, line: int) -> int:
 
 def read_pairs(path: Path, max_length: int) -> Split:
     """One LRA retrieval TSV (``label, id1, id2, text1, text2`` per line) as a paired split."""
-    if not path.is_file():
-        raise DataError(path, None, "file does not exist")
     firsts, seconds, labels = [], [], []
-    with path.open(encoding="utf-8", newline="\n") as handle:
-        for line, raw in enumerate(handle, start=1):
-            fields = raw.rstrip("\r\n").split("\t")
-            if line == 1 and fields[0].strip().lower() == "label":
-                continue  # a header
-            if fields == [""]:
-                continue
-            if len(fields) != len(COLUMNS):
-                raise DataError(path, line, f"expected {len(COLUMNS)} tab-separated columns "
-                                            f"({', '.join(COLUMNS)}), got {len(fields)}")
-            labels.append(_parse_label(fields[0], path, line))
-            firsts.append(encode(fields[3], max_length))
-            seconds.append(encode(fields[4], max_length))
+    for line, raw in enumerate(read_text(path).split("\n"), start=1):
+        fields = raw.rstrip("\r").split("\t")  # LRA's texts hold no tabs or newlines: no quoting
+        if (line == 1 and fields[0].strip().lower() == "label") or not raw.strip():
+            continue  # a header, or a blank line
+        if len(fields) != len(COLUMNS):
+            raise DataError(path, line, f"expected {len(COLUMNS)} tab-separated columns "
+                                        f"({', '.join(COLUMNS)}), got {len(fields)}")
+        labels.append(_parse_label(fields[0], path, line))
+        firsts.append(encode(fields[3], max_length))
+        seconds.append(encode(fields[4], max_length))
     if not labels:
         raise DataError(path, None, "file has no examples")
     return Split(firsts, np.array(labels), pairs=seconds)

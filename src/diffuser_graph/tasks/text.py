@@ -10,7 +10,6 @@ answer needs evidence from across the whole document.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Literal
@@ -18,7 +17,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..checks import Int
+from ..checks import Int, UserPath
+from ..io import read_rows, read_text
 from .base import DataError, Split, TaskData, find_split_file
 from .vocab import BYTE_VOCAB_SIZE, CLS_ID, decode_bytes, encode_bytes
 
@@ -36,7 +36,7 @@ class TextTask(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["text"] = "text"
-    path: str | None = None
+    path: UserPath | None = None
     max_length: Int = Field(default=4096, ge=2)  # tokens including <cls>; longer is truncated
     num_labels: Int | None = Field(default=None, ge=2)  # None: 1 + the largest label seen
     synthetic_words: Int = Field(default=600, ge=10)  # document length of the generator
@@ -64,37 +64,34 @@ def _parse_label(raw, path: Path, line: int) -> int:
 def _rows(path: Path):
     """(line, text, raw label) for each example of a CSV, TSV or JSONL file."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            for line, raw in enumerate(handle, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw)
-                except json.JSONDecodeError as err:
-                    raise DataError(path, line, f"not valid JSON: {err.msg}") from None
-                if not isinstance(record, dict) or "text" not in record or "label" not in record:
-                    raise DataError(path, line, "each JSON line needs 'text' and 'label' keys")
-                yield line, record["text"], record["label"]
+        for line, raw in enumerate(read_text(path).splitlines(), start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise DataError(path, line, f"not valid JSON: {err.msg}") from None
+            if not isinstance(record, dict) or "text" not in record or "label" not in record:
+                raise DataError(path, line, "each JSON line needs 'text' and 'label' keys")
+            yield line, record["text"], record["label"]
         return
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.reader(handle, delimiter="\t" if path.suffix == ".tsv" else ",")
-        header = [h.strip() for h in next(reader, [])]
-        if not header:
-            raise DataError(path, None, "file is empty")
-        names = ("text", "label") if "text" in header else ("Source", "Target")
-        if not set(names) <= set(header):
-            raise DataError(path, 1, f"header must name 'text' and 'label' columns (or "
-                                     f"'Source' and 'Target'), got {header}")
-        text_col, label_col = header.index(names[0]), header.index(names[1])
-        for line, row in enumerate(reader, start=2):
-            if len(row) != len(header):
-                raise DataError(path, line, f"expected {len(header)} columns, got {len(row)}")
-            yield line, row[text_col], row[label_col]
+    rows = read_rows(path, delimiter="\t" if path.suffix == ".tsv" else ",")
+    first = next(rows, None)
+    if first is None:
+        raise DataError(path, None, "file is empty")
+    header_line, header = first[0], [h.strip() for h in first[1]]
+    names = ("text", "label") if "text" in header else ("Source", "Target")
+    if not set(names) <= set(header):
+        raise DataError(path, header_line, f"header must name 'text' and 'label' columns (or "
+                                           f"'Source' and 'Target'), got {header}")
+    text_col, label_col = header.index(names[0]), header.index(names[1])
+    for line, row in rows:
+        if len(row) != len(header):
+            raise DataError(path, line, f"expected {len(header)} columns, got {len(row)}")
+        yield line, row[text_col], row[label_col]
 
 
 def read_file(path: Path, max_length: int) -> Split:
-    if not path.is_file():
-        raise DataError(path, None, "file does not exist")
     if path.suffix not in EXTENSIONS:
         raise DataError(path, None, f"unsupported file type; use one of {EXTENSIONS}")
     sequences, labels = [], []
