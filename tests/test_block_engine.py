@@ -1,6 +1,8 @@
-"""The block engine's own edge cases: layouts, the auto rule and the patterns it refuses.
+"""The block engine's own edge cases: layouts of every pattern kind, the auto rule, the
+memory-lean gathered products.
 
 Parity with the other engines on every pattern kind is in test_engines.py."""
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from diffuser_graph import (
     dense_mask,
     diffusion_attention,
 )
-from diffuser_graph.engines.block import block_layout, prefer_block, supports
+from diffuser_graph.engines.block import block_layout, prefer_block
 
 PATTERNS = {
     "window": (70, PatternSpec(window=3)),
@@ -64,18 +66,77 @@ def test_auto_prefers_block_only_where_it_measured_faster():
     assert not prefer_block(wide, [60] * 32)
     assert prefer_block(medium, [256] * 8) and not prefer_block(medium, [128] * 16)
     assert not prefer_block(narrow, [4096])
-    assert not prefer_block(PatternSpec(kind="official"), [4096])
+    assert prefer_block(PatternSpec(kind="official"), [1024])
 
 
-@pytest.mark.parametrize("spec", [PatternSpec(kind="grid", image_size=(4, 4)),
-                                  PatternSpec(kind="official"), PatternSpec(window=2, causal=True),
-                                  PatternSpec(window=2, dilation=2)])
-def test_unsupported_patterns_are_refused_clearly(spec):
-    assert not supports(spec)
-    with pytest.raises(ValueError, match="block engine needs kind='window'"):
-        block_layout(16, spec)
-    with pytest.raises(ValueError, match="engine='block' needs a 1-D window pattern"):
-        block([16], spec)
+@pytest.mark.parametrize("spec,geometry", [
+    (PatternSpec(window=5), (16, 5, 5)),
+    (PatternSpec(window=20, dilation=2), (40, 40, 40)),
+    (PatternSpec(window=8, causal=True), (16, 8, 0)),
+    (PatternSpec(kind="grid", image_size=(8, 12), window=1), (16, 13, 13)),
+    (PatternSpec(kind="official"), (32, 32, 32)),
+])
+def test_every_pattern_kind_has_a_band_that_holds_its_local_edges(spec, geometry):
+    from diffuser_graph.engines.block import band_geometry
+
+    shape = band_geometry(spec)
+    assert (shape.block, shape.left, shape.right) == geometry
+    n = 96 if spec.kind == "grid" else 600
+    layout = block_layout(n, spec)
+    band, randoms = int(layout.band_mask.sum()), int(layout.random_mask.sum())
+    assert band > 5 * randoms  # most edges are in the band, not gathered
+    if spec.kind == "official":  # the authors' globals that fall below n: full rows and columns
+        from diffuser_graph.patterns import _official_adjacency
+
+        adj = _official_adjacency(64, 64, 64, 4096)[:n, :n]
+        expected = np.flatnonzero(adj.all(axis=0) & adj.all(axis=1))
+        assert layout.globals.tolist() == expected.tolist() and len(expected) == 8
+
+
+def test_causal_globals_are_masked_by_causality():
+    spec = PatternSpec(window=2, global_positions=(0, 30), causal=True, num_random=1)
+    layout = block_layout(40, spec)
+    assert layout.globals.tolist() == [0, 30]
+    assert layout.global_keys is not None and layout.global_rows is not None
+    assert layout.global_keys[29].tolist() == [True, False]  # query 29 cannot see token 30
+    assert layout.global_rows[1, 31:].sum() == 0  # token 30 sees nothing after itself
+    q, k, v = qkv(40)
+    g = build_graph(40, spec)
+    torch.testing.assert_close(diffusion_attention(block([40], spec), q, k, v),
+                               dense_diffusion_attention(dense_mask(g), q, k, v),
+                               rtol=0, atol=1e-10)
+
+
+def test_gathered_products_match_plain_gathers_and_pass_gradcheck():
+    from diffuser_graph.engines import gathered
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 9, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    k = torch.randn(2, 7, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    a = torch.randn(2, 9, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    keys = torch.randint(0, 7, (9, 4), generator=gen).sort(dim=1).values
+    mask = torch.ones(9, 4, dtype=torch.bool)
+    index = gathered.GatherIndex.build(keys, mask, batch=2, rows=7)
+    torch.testing.assert_close(gathered.gather_dot(q, k, index),
+                               (k[:, keys] @ q.unsqueeze(-1)).squeeze(-1))
+    torch.testing.assert_close(gathered.gather_sum(a, k, index),
+                               (a.unsqueeze(-2) @ k[:, keys]).squeeze(-2))
+    assert torch.autograd.gradcheck(lambda q, k: gathered.gather_dot(q, k, index), (q, k))
+    assert torch.autograd.gradcheck(lambda a, k: gathered.gather_sum(a, k, index), (a, k))
+    # Padding entries (mask False) carry weight 0 and are left out of the transposed sums.
+    mask[:, 3] = False
+    sparse = gathered.GatherIndex.build(keys, mask, batch=2, rows=7)
+    weights = a.detach().clone()
+    weights[:, :, 3] = 0
+    expected = torch.zeros(2, 7, 3, dtype=torch.float64)
+    for b, i, r in torch.nonzero(mask.expand(2, 9, 4)).tolist():
+        expected[b, keys[i, r]] += weights[b, i, r] * q[b, i].detach()
+    got = sparse.scatter_sum(weights.reshape(18, 4), q.detach().reshape(18, 3)).view(2, 7, 3)
+    torch.testing.assert_close(got, expected)
+    scores = sparse.gather_dot(q.detach().reshape(18, 3), k.detach().reshape(14, 3)).view(2, 9, 4)
+    plain = (k[:, keys] @ q.unsqueeze(-1)).squeeze(-1).detach()
+    torch.testing.assert_close(scores[..., :3], plain[..., :3])
+    assert torch.all(scores[..., 3] == 0)  # padding
 
 
 def test_block_engine_gives_no_per_edge_attention_so_return_attention_uses_another():

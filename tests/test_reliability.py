@@ -349,10 +349,10 @@ def test_numpy_scalars_are_numbers_and_wrong_types_are_named():
 def test_an_untrained_language_model_starts_near_the_uniform_loss():
     torch.manual_seed(0)
     config = DiffuserConfig(vocab_size=258, num_labels=258, hidden_size=64, num_heads=4,
-                            pattern=PatternSpec(window=4, causal=True))
+                            pattern=PatternSpec(window=4, causal=True), pad_token_id=0)
     model = DiffuserForCausalLM(config).eval()
-    ids = torch.randint(2, 258, (4, 64))
-    loss, _ = model(ids, labels=ids)
+    ids, targets = torch.randint(2, 258, (2, 4, 64))
+    loss, _ = model(ids, labels=targets)
     assert abs(float(loss) - np.log(258)) < 0.1  # nats; was ~40 with N(0, 1) embeddings
     assert torch.all(model.encoder.tokens.weight[config.pad_token_id] == 0)
 

@@ -17,17 +17,7 @@ from typing import Any
 import torch
 
 from .io import atomic_save
-from .model import (
-    DiffuserConfig,
-    DiffuserForCausalLM,
-    DiffuserForMatching,
-    DiffuserForSequenceClassification,
-    PretrainedModel,
-)
-
-MODEL_CLASSES: dict[str, type[PretrainedModel]] = {
-    cls.__name__: cls for cls in (DiffuserForSequenceClassification, DiffuserForMatching,
-                                  DiffuserForCausalLM)}
+from .model import MODEL_CLASSES, DiffuserConfig, PretrainedModel
 
 
 class CheckpointError(ValueError):

@@ -1,4 +1,5 @@
-"""Command line: ``diffuser-graph train | eval | examples | sample | spectral | pattern``.
+"""Command line: ``diffuser-graph train | eval | examples | sample | convert | export | spectral |
+pattern``.
 
 Every failure is one line on stderr that starts with ``error:`` and names the file, line, key or
 argument at fault, with exit status 2; ``--debug`` shows the traceback instead. Dotted overrides
@@ -46,6 +47,12 @@ EXAMPLES_EXAMPLES = """examples:
 SAMPLE_EXAMPLES = """examples:
   diffuser-graph sample --checkpoint runs/lm-small/best.pt --prompt "The " --tokens 300
   diffuser-graph sample --checkpoint runs/lm-small/best.pt --prompt "def " --temperature 0
+"""
+
+CONVERT_EXAMPLES = """examples:
+  diffuser-graph convert path/to/roberta-base runs/roberta-diffuser max_positions=4098
+  diffuser-graph convert path/to/bert-imdb runs/bert-diffuser pattern.window=64 hops=3
+  diffuser-graph convert path/to/roberta-base runs/roberta-full attention=full
 """
 
 PATTERN_EXAMPLES = """examples:
@@ -167,6 +174,43 @@ def _sample(args: argparse.Namespace) -> int:
     ids = model.generate(prompt, min(args.tokens, room), temperature=args.temperature,
                          top_k=args.top_k, generator=torch.Generator().manual_seed(args.seed))
     print(decode_bytes(ids[0].tolist()))
+    return 0
+
+
+def _new_model_folder(out: str, source: str) -> Path:
+    """``out`` as a folder to write a model into: new (or empty), and not ``source``."""
+    folder = Path(out).expanduser()
+    if folder.resolve() == Path(source).expanduser().resolve():
+        raise ConfigError(f"{folder} is the source; write the model elsewhere")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ConfigError(f"{folder} already exists and is not an empty folder; choose a new one")
+    return folder
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .hf import from_hf
+
+    out = _new_model_folder(args.out, args.source)
+    model = from_hf(args.source, **apply_overrides({}, args.overrides))
+    model.save_pretrained(out)
+    config = model.config
+    print(f"wrote a {type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} "
+          f"parameters; {config.attention} attention on the {config.pattern.kind} pattern, "
+          f"{config.kernel} alpha={config.alpha} K={config.hops}; {config.max_tokens} positions) "
+          f"to {out}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint, model_from_checkpoint
+
+    out = _new_model_folder(args.out, args.checkpoint)
+    state = load_checkpoint(args.checkpoint)
+    model = model_from_checkpoint(state)
+    model.save_pretrained(out)
+    print(f"wrote the {type(model).__name__} of {args.checkpoint} (step {state['step']}) to "
+          f"{out}; load it with diffuser_graph.model.load_pretrained or use it as "
+          f"model.init_from")
     return 0
 
 
@@ -320,6 +364,29 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest")
     sample.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     sample.set_defaults(handler=_sample)
+
+    convert = commands.add_parser(
+        "convert", parents=[debug], help="make a Diffuser model of a RoBERTa/BERT checkpoint",
+        usage="diffuser-graph convert SOURCE OUT [field=value ...] [options]",
+        description="Copy a local Hugging Face RoBERTa or BERT checkpoint (a base model, a "
+                    "sequence classifier or a masked LM) into a Diffuser model folder; "
+                    "field=value pairs set DiffuserConfig fields (default: the authors' "
+                    "attention, official pattern, PPR alpha 0.1, K = 5). Needs the hf extra.",
+        epilog=CONVERT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    convert.add_argument("source", help="a folder that save_pretrained wrote")
+    convert.add_argument("out", help="a new folder for the Diffuser model")
+    convert.set_defaults(handler=_convert, takes_overrides=True)
+
+    export = commands.add_parser(
+        "export", parents=[debug], help="write a training checkpoint as a model folder",
+        description="Write the model of a checkpoint (best.pt or last.pt of a run) as a folder "
+                    "(config.json + model.safetensors) that load_pretrained reads and "
+                    "model.init_from starts training from.",
+        epilog="examples:\n  diffuser-graph export runs/mlm-roberta/best.pt runs/mlm-roberta-model",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    export.add_argument("checkpoint", help="best.pt or last.pt of a run")
+    export.add_argument("out", help="a new folder for the model")
+    export.set_defaults(handler=_export)
 
     pattern = commands.add_parser(
         "pattern", parents=[debug], help="statistics (and a picture) of one pattern at one length",

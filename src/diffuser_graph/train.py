@@ -45,18 +45,22 @@ from .checks import Float, Int, UserPath
 from .config import ConfigError, dump_config
 from .io import atomic_save_figure, atomic_write_text, check_output_path
 from .model import (
+    ARCHITECTURE,
     DiffuserConfig,
     DiffuserForCausalLM,
+    DiffuserForMaskedLM,
     DiffuserForMatching,
     DiffuserForSequenceClassification,
     PretrainedModel,
+    load_pretrained,
 )
 from .tasks import IGNORE_INDEX, AnySplit, TaskConfig, TaskData, collate, load_task
 from .visualize import plot_curves
 
 MODELS: dict[str, type[PretrainedModel]] = {
     "classification": DiffuserForSequenceClassification, "matching": DiffuserForMatching,
-    "lm": DiffuserForCausalLM}
+    "lm": DiffuserForCausalLM, "mlm": DiffuserForMaskedLM}
+TOKEN_HEADS = ("lm", "mlm")  # scored per token, in bits per character or token
 
 
 class TrainSettings(BaseModel):
@@ -223,24 +227,24 @@ class Meter:
         self.loss, self.correct, self.seen = (self.loss + float(loss) * seen,
                                               self.correct + right, self.seen + seen)
 
-    def summary(self, head: str) -> dict[str, float]:
-        """Mean loss and accuracy; bits per character for language models."""
+    def summary(self, data: TaskData) -> dict[str, float]:
+        """Mean loss and accuracy; for language models also bits per character (or token)."""
         metrics = {"loss": self.loss / self.seen, "accuracy": self.correct / self.seen}
-        if head == "lm":
-            metrics["bits_per_char"] = metrics["loss"] / math.log(2)
+        if data.head in TOKEN_HEADS:
+            metrics[f"bits_per_{data.unit}"] = metrics["loss"] / math.log(2)
         return metrics
 
 
 def score(metrics: dict, head: str) -> float:
     """Higher is better: validation accuracy, or minus the loss for language models."""
-    return -metrics["loss"] if head == "lm" else metrics["accuracy"]
+    return -metrics["loss"] if head in TOKEN_HEADS else metrics["accuracy"]
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, split: AnySplit, batch_size: int,
-             head: str = "classification", precision: str = "fp32") -> dict:
-    """Mean cross-entropy and accuracy of ``model`` on ``split`` (eval mode, in order, on the
-    model's device), per example or, for language models, per predicted token."""
+def evaluate(model: torch.nn.Module, split: AnySplit, batch_size: int, data: TaskData,
+             precision: str = "fp32") -> dict:
+    """Mean cross-entropy and accuracy of ``model`` on ``split`` of ``data`` (eval mode, in
+    order, on the model's device), per example or, for language models, per predicted token."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -252,7 +256,7 @@ def evaluate(model: torch.nn.Module, split: AnySplit, batch_size: int,
             loss, logits = model(**batch)
         meter.add(loss, logits, batch["labels"])
     model.train(was_training)
-    return {**meter.summary(head), "n": len(split)}
+    return {**meter.summary(data), "n": len(split)}
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -352,7 +356,8 @@ def prepare(config: RunConfig) -> tuple[TaskData, DiffuserConfig]:
     """The task's data and the model config resolved and checked against it."""
     data = load_task(config.task, config.seed)
     try:
-        model_config = config.model.resolved(data.vocab_size, data.num_labels)
+        model_config = with_initial_model(config.model).resolved(data.vocab_size,
+                                                                 data.num_labels, data.pad_id)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     pattern = model_config.pattern
@@ -376,6 +381,25 @@ def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
         return [key for k in sorted(set(a) | set(b), key=str)
                 for key in differences(a.get(k), b.get(k), f"{prefix}{k}.")]
     return [] if a == b else [prefix.rstrip(".") or "(top level)"]
+
+
+def with_initial_model(model: DiffuserConfig) -> DiffuserConfig:
+    """With ``init_from``, the saved model's config under the fields the YAML sets explicitly;
+    those that the pretrained weights fix (sizes, vocabulary, norms) may not contradict it."""
+    if model.init_from is None:
+        return model
+    try:
+        saved = load_pretrained(model.init_from).config
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.init_from: {err}") from None
+    explicit = model.model_dump(exclude_unset=True)
+    clashes = [f"{key} ({explicit[key]!r}; the weights have {getattr(saved, key)!r})"
+               for key in ARCHITECTURE if key in explicit and explicit[key] != getattr(saved, key)]
+    if clashes:
+        raise ConfigError(f"model.init_from {model.init_from} fixes {', '.join(clashes)}; leave "
+                          f"these out of the model section")
+    saved_fields = saved.model_dump(exclude={"num_labels"})
+    return DiffuserConfig.model_validate({**saved_fields, **explicit})
 
 
 def _checkpoint(path: Path, model: PretrainedModel, optimizer: torch.optim.Optimizer,
@@ -479,7 +503,12 @@ def _train(config: RunConfig, run: Runtime, folder: RunFolder, resume: bool,
     # -- data, model, optimizer: seeded, so every process builds the same
     torch.manual_seed(config.seed)
     data, model_config = prepare(config)
-    model = build_model(model_config, data).to(run.device)
+    model = build_model(model_config, data)
+    if model_config.init_from and not resume:
+        taken = model.initialise_from(model_config.init_from)
+        if run.rank == 0:
+            print(f"starting from the {taken}", file=sys.stderr)
+    model = model.to(run.device)
     optimizer = make_optimizer(model, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
     start_step, best_score, meter = 0, -math.inf, Meter()
@@ -503,8 +532,10 @@ def _train(config: RunConfig, run: Runtime, folder: RunFolder, resume: bool,
     with StopRequests() as stop:
         for step in bar:
             for micro in range(settings.grad_accum):
-                indices = order.indices((step - 1) * settings.grad_accum + micro)
-                batch = to_device(collate(data.train, indices[run.rank::run.world]), run.device)
+                draw = (step - 1) * settings.grad_accum + micro
+                indices = order.indices(draw)
+                batch = to_device(collate(data.train, indices[run.rank::run.world], draw),
+                                  run.device)
                 last_micro = micro == settings.grad_accum - 1
                 with nullcontext() if run.world == 1 or last_micro else net.no_sync():
                     with run.autocast():
@@ -519,7 +550,7 @@ def _train(config: RunConfig, run: Runtime, folder: RunFolder, resume: bool,
 
             finished = step == settings.max_steps
             if run.rank == 0 and (step % settings.log_every == 0 or finished):
-                record = {"step": step, "split": "train", **meter.summary(data.head),
+                record = {"step": step, "split": "train", **meter.summary(data),
                           "lr": scheduler.get_last_lr()[0]}
                 folder.log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}")
@@ -527,7 +558,7 @@ def _train(config: RunConfig, run: Runtime, folder: RunFolder, resume: bool,
             stopping = step == end or stop.agreed(run)
             if step % settings.eval_every == 0 or finished:
                 if run.rank == 0:
-                    val = evaluate(model, data.val, settings.eval_batch_size, data.head,
+                    val = evaluate(model, data.val, settings.eval_batch_size, data,
                                    run.precision)
                     folder.log({"step": step, "split": "val", **val})
                     if score(val, data.head) > best_score:
@@ -567,16 +598,17 @@ def finish(config: RunConfig, data: TaskData, run: Runtime) -> dict:
 def split_results(model: torch.nn.Module, data: TaskData, config: RunConfig) -> dict:
     """Val and test metrics of ``model`` next to the input-blind baseline, and the data source."""
     results = {split: {**evaluate(model, getattr(data, split), config.train.eval_batch_size,
-                                  data.head, config.train.precision), **data.baseline(split)}
+                                  data, config.train.precision), **data.baseline(split)}
                for split in ("val", "test")}
     return {**results, "data": data.source} if data.source else results
 
 
 def results_table(results: dict) -> str:
-    lm = "bits_per_char" in results["test"]
-    columns = (("bits_per_char", "bits per char"), ("unigram_bits_per_char", "unigram bits per "
-                                                    "char"), ("accuracy", "next-byte accuracy")
-               ) if lm else (("accuracy", "accuracy"), ("majority_rate", "majority-class rate"))
+    unit = next((u for u in ("char", "token") if f"bits_per_{u}" in results["test"]), None)
+    columns = ((f"bits_per_{unit}", f"bits per {unit}"),
+               (f"unigram_bits_per_{unit}", f"unigram bits per {unit}"),
+               ("accuracy", "token accuracy")
+               ) if unit else (("accuracy", "accuracy"), ("majority_rate", "majority-class rate"))
     lines = [f"best checkpoint: step {results['best_step']}",
              "| split | examples | " + " | ".join(name for _, name in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
@@ -615,8 +647,12 @@ def evaluate_checkpoint(config: RunConfig, checkpoint: str | Path,
     state = load_checkpoint(checkpoint)
     data = load_task(config.task, config.seed)
     saved = json.loads(state["model_config"])
-    wanted = config.model.resolved(data.vocab_size, data.num_labels).model_dump(mode="json")
-    changed = [key for key in differences(saved, wanted) if key not in EVALUATION_INDEPENDENT]
+    wanted = config.model.resolved(data.vocab_size, data.num_labels, data.pad_id).model_dump(
+        mode="json")
+    changed = [key for key in differences(saved, wanted)
+               if key not in EVALUATION_INDEPENDENT and (
+                   config.model.init_from is None  # else the rest came from the initial model
+                   or key.split(".")[0] in config.model.model_fields_set)]
     if changed:
         raise CheckpointError(
             "the config's model section differs from the checkpoint's in "

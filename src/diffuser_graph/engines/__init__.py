@@ -14,7 +14,8 @@ Engines:
 
 - ``dgl``: message passing on the DGL graph (``u_dot_v``, ``edge_softmax``, ``u_mul_e_sum``):
   any pattern; CPU only, since the DGL wheel on PyPI has no CUDA kernels. The reference engine.
-- ``block``: blocked dense matmuls for 1-D window patterns with globals and random keys.
+- ``block``: blocked dense matmuls around the diagonal, globals as dense products, the rest
+  gathered: every pattern kind (window, causal, dilated, grid, official).
 - ``gather``: pure torch (gathers and ``index_add``): any pattern, any device.
 - ``auto``: chosen per batch by :func:`choose_engine`.
 """
@@ -57,10 +58,9 @@ def check_engine(engine: str, spec: PatternSpec | None) -> None:
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "block" and (spec is None or not block.supports(spec)):
-        got = "a bare graph" if spec is None else (
-            f"kind={spec.kind!r}, dilation={spec.dilation}, causal={spec.causal}")
-        raise ValueError(f"engine='block' needs a 1-D window pattern (kind='window', "
-                         f"dilation=1, causal=False); got {got}")
+        got = "a bare graph" if spec is None else f"kind={spec.kind!r}"
+        raise ValueError(f"engine='block' needs a pattern (PatternSpec) to lay its band out "
+                         f"from; got {got}")
 
 
 def choose_engine(engine: str, spec: PatternSpec | None, lengths: Sequence[int],

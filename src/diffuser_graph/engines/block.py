@@ -1,22 +1,26 @@
-"""The block engine: sliding-window + global + random patterns as blocked dense matmuls.
+"""The block engine: attention patterns as blocked dense matmuls, for every pattern kind.
 
-DGL's generic SDDMM/SpMM kernels touch one edge at a time. For ``kind="window"`` patterns most
-edges form a band, which this engine computes as batched dense matmuls: queries in blocks of
-``b`` tokens against the ``b + 2w`` keys their band can reach (masking what lies outside the
-band). Edges to global keys become a dense ``(N, G)`` product, global queries a dense ``(G, N)``
-product, and the few random keys per query a small gather. The softmax runs jointly over all
-parts, so the function is exactly the DGL engine's.
+DGL's generic SDDMM/SpMM kernels touch one edge at a time. Most edges of every shipped pattern
+lie in a band around the diagonal: the sliding window (causal or not, dilated or not), the 2-D
+neighbourhood of a grid image flattened row-major (``r * (W + 1)`` tokens to either side), and
+the authors' overlapping blocks (a query chunk of ``w/2`` tokens sees the chunks before and
+after it). This engine cuts the queries into blocks of ``b`` tokens and computes each block
+against the ``left + b + right`` keys its band can reach with batched dense matmuls, masking the
+pairs that are not edges. Global tokens (full rows and columns of the pattern, causally full for
+a causal one) become dense ``(N, G)`` and ``(G, N)`` products, and the few remaining edges (the
+random keys) gathered products that do not keep the gathered rows (:mod:`.gathered`). The
+softmax runs jointly over all parts, so the function is exactly the DGL engine's.
 
-The pattern's DGL graph stays the single description: :func:`block_layout` reads the band width
-and globals from the spec and takes every other edge from the graph, and it checks that the
-graph's edges are exactly band + globals + those random edges.
+The pattern's DGL graph stays the single description: :func:`block_layout` reads every part from
+the graph's edges (the spec only chooses the band's geometry) and checks that band, globals and
+random keys hold exactly the graph's edges, each once.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -25,24 +29,57 @@ import torch.nn.functional as F
 
 from ..graph import build_graph
 from ..patterns import PatternSpec
+from .gathered import GatherIndex, gather_dot, gather_sum
 
 
 def supports(spec: PatternSpec) -> bool:
-    """Whether the block engine computes this pattern (1-D window, no dilation, not causal)."""
-    return spec.kind == "window" and spec.dilation == 1 and not spec.causal
+    """Whether the block engine computes this pattern: every pattern kind."""
+    return spec.kind in ("window", "grid", "official")
 
 
 def prefer_block(spec: PatternSpec, lengths: Sequence[int]) -> bool:
-    """What ``engine="auto"`` picks: the block engine where it measured faster than DGL.
+    """What ``engine="auto"`` picks on the CPU: the block engine where it measured faster than DGL.
 
-    Measured on 2 CPU cores (4 heads x 64, K = 5, forward+backward, batches of equal length):
-    the block engine wins for windows of 16+ tokens from 128 tokens per sequence on, and for
-    windows of 8+ from 256 on; DGL wins for narrower windows and shorter sequences.
+    Measured on 2 CPU cores (forward+backward of a layer, K = 4-5): for windows (causal or not)
+    the block engine wins from 16 tokens of reach and 128 tokens per sequence (causal window 16,
+    16 x 256 tokens: 0.114 s against DGL's 0.147), and from 8 tokens of reach and 256 tokens;
+    for the official pattern from 256 tokens (at 2,048: 0.69 s against 1.38); on grids DGL wins
+    (16 x 16 pixels: 0.086 s against 0.158: a 3 x 3 neighbourhood fills a fifth of its band).
     """
     if not supports(spec) or not len(lengths):
         return False
     mean_length = sum(lengths) / len(lengths)
-    return (spec.window >= 16 and mean_length >= 128) or (spec.window >= 8 and mean_length >= 256)
+    if spec.kind == "window":
+        reach = spec.window * spec.dilation
+        return (reach >= 16 and mean_length >= 128) or (reach >= 8 and mean_length >= 256)
+    return spec.kind == "official" and mean_length >= 256
+
+
+@dataclass(frozen=True)
+class BandGeometry:
+    """Queries in blocks of ``block`` tokens; block ``c`` holds queries ``[c b, (c+1) b)`` and
+    sees keys ``[c b - left, (c+1) b + right)``."""
+
+    block: int
+    left: int
+    right: int
+
+    @property
+    def width(self) -> int:
+        return self.left + self.block + self.right
+
+
+def band_geometry(spec: PatternSpec) -> BandGeometry:
+    """The narrowest band that holds a pattern's local edges."""
+    if spec.kind == "official":
+        stride = spec.window // 2
+        return BandGeometry(stride, stride, stride)
+    if spec.kind == "grid":
+        assert spec.image_size is not None
+        reach = spec.window * spec.dilation * (spec.image_size[1] + 1)
+    else:
+        reach = spec.window * spec.dilation
+    return BandGeometry(max(reach, 16), reach, 0 if spec.causal else reach)
 
 
 @dataclass(frozen=True)
@@ -50,10 +87,11 @@ class BlockLayout:
     """Where each edge of one sequence's pattern lives in the blocked computation."""
 
     n: int
-    window: int
-    block: int
+    geometry: BandGeometry
     globals: torch.Tensor  # (G,) global token positions
-    band_mask: torch.Tensor  # (n_blocks, block, block + 2w) bool: key is a band edge
+    global_keys: torch.Tensor | None  # (n, G) bool: query i attends global j; None: all do
+    global_rows: torch.Tensor | None  # (G, n) bool: global j attends key i; None: all keys
+    band_mask: torch.Tensor  # (n_blocks, block, width) bool: key is a band edge
     random_keys: torch.Tensor  # (n, R) key index per random edge (0 where padded)
     random_mask: torch.Tensor  # (n, R) bool: a real random edge
 
@@ -62,28 +100,57 @@ class BlockLayout:
         return self.band_mask.shape[0]
 
     def to(self, device: torch.device) -> BlockLayout:
-        return BlockLayout(self.n, self.window, self.block, *(
-            x.to(device) for x in (self.globals, self.band_mask, self.random_keys,
-                                   self.random_mask)))
+        def move(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.to(device)
+
+        return BlockLayout(self.n, self.geometry, self.globals.to(device),
+                           move(self.global_keys), move(self.global_rows),
+                           self.band_mask.to(device), self.random_keys.to(device),
+                           self.random_mask.to(device))
+
+
+def _global_tokens(src: np.ndarray, dst: np.ndarray, n: int, causal: bool) -> np.ndarray:
+    """Tokens that attend to every key and are attended by every query they may be (for a
+    causal pattern: every key before them, every query after them)."""
+    keys_of = np.bincount(dst, minlength=n)  # in-degree: keys a query attends
+    queries_of = np.bincount(src, minlength=n)  # out-degree: queries attending a key
+    tokens = np.arange(n)
+    full_row = keys_of == (tokens + 1 if causal else n)
+    full_column = queries_of == (n - tokens if causal else n)
+    return np.flatnonzero(full_row & full_column)
 
 
 @lru_cache(maxsize=1024)
 def block_layout(seq_len: int, spec: PatternSpec, block: int = 0) -> BlockLayout:
     """The layout of ``spec`` on ``seq_len`` tokens, read from its DGL graph.
 
-    ``block``: query block size; 0 picks ``max(window, 16)``.
+    ``block``: query block size (0: the pattern's own, see :func:`band_geometry`).
     """
     if not supports(spec):
-        raise ValueError(f"the block engine needs kind='window', dilation=1, causal=False; got "
-                         f"kind={spec.kind!r}, dilation={spec.dilation}, causal={spec.causal}")
-    n, w = seq_len, spec.window
-    b = block or max(w, 16)
+        raise ValueError(f"the block engine computes window, grid and official patterns, not "
+                         f"kind={spec.kind!r}")
+    n = seq_len
+    geometry = band_geometry(spec)
+    if block:
+        geometry = BandGeometry(block, geometry.left, geometry.right)
     src, dst = (t.numpy() for t in build_graph(n, spec).edges())
-    globals_ = spec.globals_for(n)
+    edges = dst * n + src  # sorted, unique: build_graph sorts by (dst, src)
+    globals_ = _global_tokens(src, dst, n, spec.causal)
     is_global = np.zeros(n, dtype=bool)
     is_global[globals_] = True
-    in_band = np.abs(src - dst) <= w
-    rest = ~is_global[src] & ~is_global[dst] & ~in_band
+
+    b, left = geometry.block, geometry.left
+    n_blocks = math.ceil(n / b)
+    query = np.arange(n_blocks)[:, None, None] * b + np.arange(b)[None, :, None]
+    key = query[:, :1] - left + np.arange(geometry.width)[None, None, :]
+    inside = (key >= 0) & (key < n) & (query < n)
+    codes = np.clip(query, 0, n - 1) * n + np.clip(key, 0, n - 1)
+    band = inside & np.isin(codes, edges) & ~is_global[np.clip(query, 0, n - 1)]
+    band &= ~is_global[np.clip(key, 0, n - 1)]
+
+    block_start = (dst // b) * b
+    in_window = (src >= block_start - left) & (src < block_start + b + geometry.right)
+    rest = ~is_global[src] & ~is_global[dst] & ~in_window
     random_src, random_dst = src[rest], dst[rest]
     counts = np.bincount(random_dst, minlength=n)
     width = max(int(counts.max()) if counts.size else 0, 1)
@@ -93,27 +160,18 @@ def block_layout(seq_len: int, spec: PatternSpec, block: int = 0) -> BlockLayout
     random_keys[random_dst, rank] = random_src
     random_mask[random_dst, rank] = True
 
-    n_blocks = math.ceil(n / b)
-    query = np.arange(n_blocks)[:, None, None] * b + np.arange(b)[None, :, None]
-    key = np.arange(n_blocks)[:, None, None] * b - w + np.arange(b + 2 * w)[None, None, :]
-    band = (np.abs(key - query) <= w) & (key >= 0) & (key < n) & (query < n)
-    band &= ~is_global[np.clip(key, 0, n - 1)] & ~is_global[np.clip(query, 0, n - 1)]
-    _check_covers(src, dst, n, band, key, query, is_global, int(random_mask.sum()))
-    return BlockLayout(n, w, b, torch.from_numpy(globals_), torch.from_numpy(band),
-                       torch.from_numpy(random_keys), torch.from_numpy(random_mask))
-
-
-def _check_covers(src, dst, n, band, key, query, is_global, random_edges) -> None:
-    """The layout must hold exactly the graph's edges: every band entry is an edge, and band +
-    global rows + global columns + random edges add up to all of them."""
-    edges = np.unique(dst * n + src)
-    band_codes = (query * n + key)[band]
-    if not np.isin(band_codes, edges).all():
-        raise ValueError("the graph lacks part of the window band: not a window pattern")
-    globals_count = int(is_global.sum())
-    global_edges = globals_count * n + (n - globals_count) * globals_count
-    if band_codes.size + global_edges + random_edges != edges.size:
-        raise ValueError("the graph's edges are not band + globals + random keys")
+    global_keys = np.isin(np.arange(n)[:, None] * n + globals_[None, :], edges)  # (n, G)
+    global_rows = np.isin(globals_[:, None] * n + np.arange(n)[None, :], edges)  # (G, n)
+    covered = (int(band.sum()) + int(global_rows.sum()) + int(random_mask.sum())
+               + int(global_keys[~is_global].sum()))
+    if covered != edges.size:
+        raise ValueError(f"the block layout holds {covered} edges but the graph has "
+                         f"{edges.size}: band, globals and random keys must cover it exactly")
+    return BlockLayout(
+        n, geometry, torch.from_numpy(globals_),
+        None if global_keys.all() else torch.from_numpy(global_keys),
+        None if global_rows.all() else torch.from_numpy(global_rows),
+        torch.from_numpy(band), torch.from_numpy(random_keys), torch.from_numpy(random_mask))
 
 
 @lru_cache(maxsize=1024)
@@ -122,82 +180,119 @@ def _layout_on(seq_len: int, spec: PatternSpec, device: torch.device) -> BlockLa
 
 
 def _windows(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """``x: (H, n, D)`` -> ``(H, n_blocks, b + 2w, D)``: the keys each query block can reach."""
-    left = layout.window
-    right = layout.num_blocks * layout.block - layout.n + layout.window
-    padded = F.pad(x, (0, 0, left, right))
-    return padded.unfold(1, layout.block + 2 * layout.window, layout.block).transpose(-1, -2)
+    """``x: (H, n, D)`` -> ``(H, n_blocks, width, D)``: the keys each query block can reach."""
+    shape = layout.geometry
+    right = layout.num_blocks * shape.block - layout.n + shape.right
+    padded = F.pad(x, (0, 0, shape.left, right))
+    return padded.unfold(1, shape.width, shape.block).transpose(-1, -2)
 
 
 def _blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """``x: (H, n, ...)`` -> ``(H, n_blocks, b, ...)``, zero-padded at the end."""
-    pad = [0, 0] * (x.dim() - 2) + [0, layout.num_blocks * layout.block - layout.n]
-    return F.pad(x, pad).reshape(x.shape[0], layout.num_blocks, layout.block, *x.shape[2:])
+    block = layout.geometry.block
+    pad = [0, 0] * (x.dim() - 2) + [0, layout.num_blocks * block - layout.n]
+    return F.pad(x, pad).reshape(x.shape[0], layout.num_blocks, block, *x.shape[2:])
 
 
 
 
-def _attention_parts(layout: BlockLayout, q: torch.Tensor,
-                     k: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """One sequence's ``A`` from ``q, k: (H, n, D)``: the band ``(H, n_blocks, b, b + 2w)``, the
+def _attention_parts(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor,
+                     gather: GatherIndex) -> tuple[torch.Tensor, ...]:
+    """One sequence's ``A`` from ``q, k: (H, n, D)``: the band ``(H, n_blocks, b, width)``, the
     global keys ``(H, n, G)``, the random keys ``(H, n, R)`` (one joint softmax over the three)
-    and the full rows of the global queries ``(H, G, n)``."""
+    and the rows of the global queries ``(H, G, n)``."""
     heads, n, dim = q.shape
     scale = 1.0 / math.sqrt(dim)
     band = (_blocks(q, layout) @ _windows(k, layout).transpose(-1, -2)) * scale
     band = band.masked_fill(~layout.band_mask, -math.inf)
-    band = band.reshape(heads, -1, band.shape[-1])[:, :n]  # (H, n, b + 2w)
+    band = band.reshape(heads, -1, band.shape[-1])[:, :n]  # (H, n, width)
     glob = layout.globals
     to_globals = (q @ k[:, glob].transpose(-1, -2)) * scale  # (H, n, G)
-    keys = k[:, layout.random_keys]  # (H, n, R, D)
-    random = (q.unsqueeze(-2) @ keys.transpose(-1, -2)).squeeze(-2) * scale  # (H, n, R)
+    if layout.global_keys is not None:
+        to_globals = to_globals.masked_fill(~layout.global_keys, -math.inf)
+    random = gather_dot(q, k, gather) * scale  # (H, n, R)
     random = random.masked_fill(~layout.random_mask, -math.inf)
     joint = torch.softmax(torch.cat([band, to_globals, random], dim=-1), dim=-1)
     sizes = [band.shape[-1], to_globals.shape[-1], random.shape[-1]]
     band_attn, global_attn, random_attn = torch.split(joint, sizes, dim=-1)
-    rows = torch.softmax((q[:, glob] @ k.transpose(-1, -2)) * scale, dim=-1)  # (H, G, n)
-    return _blocks(band_attn, layout), global_attn, random_attn, rows
+    rows = (q[:, glob] @ k.transpose(-1, -2)) * scale  # (H, G, n)
+    if layout.global_rows is not None:
+        rows = rows.masked_fill(~layout.global_rows, -math.inf)
+    return _blocks(band_attn, layout), global_attn, random_attn, torch.softmax(rows, dim=-1)
 
 
-def _propagate_one(layout: BlockLayout, parts: Sequence[torch.Tensor],
-                   z: torch.Tensor) -> torch.Tensor:
+def _propagate_one(layout: BlockLayout, parts: Sequence[torch.Tensor], z: torch.Tensor,
+                   gather: GatherIndex) -> torch.Tensor:
     """``A z`` for one sequence, ``z: (H, n, Dv)``."""
     band_blocks, global_attn, random_attn, rows = parts
     glob = layout.globals
     out = (band_blocks @ _windows(z, layout)).reshape(z.shape[0], -1, z.shape[-1])[:, :layout.n]
     out = out + global_attn @ z[:, glob]
-    out = out + (random_attn.unsqueeze(-2) @ z[:, layout.random_keys]).squeeze(-2)
+    out = out + gather_sum(random_attn, z, gather)
     return out.index_copy(1, glob, rows @ z)
 
 
-PARTS = 4  # tensors of one sequence's attention: band, global keys, random keys, global rows
+PARTS = 4  # tensors of one group's attention: band, global keys, random keys, global rows
+
+
+@dataclass
+class _Group:
+    """Sequences of one length: their packed rows (sequence-major), their shared layout, and the
+    random keys' gather index for ``count * heads`` stacked sequences (made on first use)."""
+
+    layout: BlockLayout
+    rows: torch.Tensor  # (count * n,) positions in the packed tokens
+    count: int
+    gathers: dict[int, GatherIndex] = field(default_factory=dict)
+
+    def gather(self, batch: int) -> GatherIndex:
+        if batch not in self.gathers:
+            self.gathers[batch] = GatherIndex.build(self.layout.random_keys,
+                                                    self.layout.random_mask, batch, self.layout.n)
+        return self.gathers[batch]
 
 
 class BlockPlan:
-    """Each sequence's block layout on the device; sequences are computed one after another."""
+    """Sequences grouped by length; each group is one batched computation on its layout, with the
+    sequences of the group next to the heads in the leading (batch) dimension."""
 
     name = "block"
     edge_order = False  # the band is held by blocks, not per edge
 
     def __init__(self, lengths: Sequence[int], spec: PatternSpec, device: torch.device) -> None:
-        self.layouts = [_layout_on(n, spec, device) for n in lengths]
-        self.starts = np.cumsum([0, *lengths[:-1]]).tolist()
+        starts = np.cumsum([0, *lengths[:-1]])
+        by_length: dict[int, list[int]] = {}
+        for index, n in enumerate(lengths):
+            by_length.setdefault(n, []).append(index)
+        self.groups = [
+            _Group(_layout_on(n, spec, device),
+                   torch.from_numpy(np.concatenate([np.arange(starts[i], starts[i] + n)
+                                                    for i in members])).to(device), len(members))
+            for n, members in by_length.items()]
+        self.num_tokens = int(sum(lengths))
 
-    def _sequences(self, x: torch.Tensor):
-        """``(layout, x of that sequence as (H, n, ...))`` for each sequence of packed ``x``."""
-        heads_first = x.transpose(0, 1)  # a view: no copy
-        for layout, start in zip(self.layouts, self.starts, strict=True):
-            yield layout, heads_first[:, start:start + layout.n]
+    @staticmethod
+    def _gather(group: _Group, x: torch.Tensor) -> torch.Tensor:
+        """Packed ``x: (N, H, D)`` -> ``(count * H, n, D)`` for one group."""
+        heads, dim = x.shape[1], x.shape[2]
+        rows = x.index_select(0, group.rows).view(group.count, group.layout.n, heads, dim)
+        return rows.permute(0, 2, 1, 3).reshape(group.count * heads, group.layout.n, dim)
 
     def attention(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        keys = [part for _, part in self._sequences(k)]
-        return tuple(tensor for (layout, query), key in zip(self._sequences(q), keys, strict=True)
-                     for tensor in _attention_parts(layout, query, key))
+        return tuple(tensor for group in self.groups for tensor in _attention_parts(
+            group.layout, self._gather(group, q), self._gather(group, k),
+            group.gather(group.count * q.shape[1])))
 
     def propagate(self, attention: tuple[torch.Tensor, ...], z: torch.Tensor) -> torch.Tensor:
-        outputs = [_propagate_one(layout, attention[PARTS * i:PARTS * (i + 1)], part)
-                   for i, (layout, part) in enumerate(self._sequences(z))]
-        return torch.cat(outputs, dim=1).transpose(0, 1)
+        heads, dim = z.shape[1], z.shape[2]
+        out = z.new_empty(self.num_tokens, heads, dim)
+        for index, group in enumerate(self.groups):
+            parts = attention[PARTS * index:PARTS * (index + 1)]
+            hop = _propagate_one(group.layout, parts, self._gather(group, z),
+                                 group.gather(group.count * heads))  # (count * H, n, D)
+            hop = hop.view(group.count, heads, group.layout.n, dim).permute(0, 2, 1, 3)
+            out = out.index_copy(0, group.rows, hop.reshape(-1, heads, dim))
+        return out
 
     def edge_attention(self, attention: tuple[torch.Tensor, ...]) -> torch.Tensor:
         raise ValueError("the block engine holds attention in blocks, not per edge; use the "

@@ -9,11 +9,12 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from . import image, listops, lm, multihop, pathfinder, retrieval, text
-from .base import AnySplit, DataError, Split, TaskData, TokenSplit, collate, pad
+from . import image, listops, lm, mlm, multihop, pathfinder, retrieval, text
+from .base import AnySplit, DataError, MaskedSplit, Split, TaskData, TokenSplit, collate, pad
 from .image import ImageTask
 from .listops import ListOpsTask
 from .lm import LMTask
+from .mlm import MLMTask
 from .multihop import MultiHopTask
 from .pathfinder import PathfinderTask
 from .retrieval import RetrievalTask
@@ -21,12 +22,12 @@ from .text import TextTask
 from .vocab import CLS_ID, IGNORE_INDEX, PAD_ID
 
 TaskConfig = Annotated[ListOpsTask | TextTask | ImageTask | PathfinderTask | RetrievalTask | LMTask
-                       | MultiHopTask,
+                       | MLMTask | MultiHopTask,
                        Field(discriminator="name")]
 
 _LOADERS: dict[str, Callable[[Any, int], TaskData]] = {
     "listops": listops.load, "text": text.load, "image": image.load,
-    "pathfinder": pathfinder.load, "retrieval": retrieval.load, "lm": lm.load,
+    "pathfinder": pathfinder.load, "retrieval": retrieval.load, "lm": lm.load, "mlm": mlm.load,
     "multihop": multihop.load}
 
 
@@ -36,6 +37,6 @@ def load_task(task: TaskConfig, seed: int) -> TaskData:
 
 
 __all__ = ["TaskConfig", "ListOpsTask", "TextTask", "ImageTask", "MultiHopTask",
-           "PathfinderTask", "RetrievalTask", "LMTask", "TaskData", "Split", "TokenSplit",
-           "AnySplit", "DataError", "collate", "pad", "load_task", "PAD_ID", "CLS_ID",
-           "IGNORE_INDEX"]
+           "PathfinderTask", "RetrievalTask", "LMTask", "MLMTask", "TaskData", "Split",
+           "TokenSplit", "MaskedSplit", "AnySplit", "DataError", "collate", "pad", "load_task",
+           "PAD_ID", "CLS_ID", "IGNORE_INDEX"]

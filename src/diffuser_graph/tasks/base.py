@@ -64,9 +64,10 @@ class Split:
         lengths = [len(s) for s in self.sequences + (self.pairs or [])]
         return max(lengths) if lengths else 0
 
-    def batch_labels(self, indices: Indices) -> torch.Tensor:
-        """``(B,)`` labels of examples ``indices``."""
-        return torch.from_numpy(self.labels[list(indices)])
+    def examples(self, indices: Indices, draw: int | None = None
+                 ) -> tuple[list[np.ndarray], torch.Tensor]:
+        """Input ids of examples ``indices`` and their ``(B,)`` labels."""
+        return [self.sequences[i] for i in indices], torch.from_numpy(self.labels[list(indices)])
 
     def describe(self, i: int) -> str:
         return f"label {self.labels[i]}"
@@ -91,15 +92,79 @@ class TokenSplit:
     def max_length(self) -> int:
         return max((len(s) for s in self.sequences), default=0)
 
-    def batch_labels(self, indices: Indices) -> torch.Tensor:
-        """``(B, L)`` next tokens of examples ``indices``, ``IGNORE_INDEX`` at padding."""
-        return pad([self.targets[i] for i in indices], fill=IGNORE_INDEX)[0]
+    def examples(self, indices: Indices, draw: int | None = None
+                 ) -> tuple[list[np.ndarray], torch.Tensor]:
+        """Input ids of examples ``indices`` and their ``(B, L)`` next tokens
+        (``IGNORE_INDEX`` at padding)."""
+        targets = pad([self.targets[i] for i in indices], fill=IGNORE_INDEX)[0]
+        return [self.sequences[i] for i in indices], targets
 
     def describe(self, i: int) -> str:
         return "next-token targets"
 
 
-AnySplit = Split | TokenSplit
+@dataclass(frozen=True)
+class Masking:
+    """BERT's masked-LM corruption: ``probability`` of the ordinary tokens (never specials) are
+    chosen; a chosen token becomes ``<mask>`` with probability 0.8, a random ordinary token with
+    0.1 and stays itself with 0.1; the loss is on chosen tokens only."""
+
+    probability: float
+    mask_id: int
+    special_ids: tuple[int, ...]
+    vocab_size: int
+    seed: int
+
+    @property
+    def ordinary_ids(self) -> np.ndarray:
+        return np.setdiff1d(np.arange(self.vocab_size), self.special_ids)
+
+    def apply(self, ids: np.ndarray, key: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """``(inputs, labels)`` for ``ids``; the draw is a function of ``key`` alone. At least
+        one token is chosen in a sequence that has an ordinary token."""
+        rng = np.random.default_rng([self.seed, *key])
+        ordinary = ~np.isin(ids, self.special_ids)
+        chosen = (rng.random(ids.size) < self.probability) & ordinary
+        if not chosen.any() and ordinary.any():
+            chosen[rng.choice(np.flatnonzero(ordinary))] = True
+        labels = np.where(chosen, ids, IGNORE_INDEX)
+        action = rng.random(ids.size)
+        inputs = ids.copy()
+        inputs[chosen & (action < 0.8)] = self.mask_id
+        swap = chosen & (action >= 0.8) & (action < 0.9)
+        inputs[swap] = rng.choice(self.ordinary_ids, size=int(swap.sum()))
+        return inputs, labels
+
+
+@dataclass
+class MaskedSplit:
+    """One split of a masked-LM task: ``sequences[i]`` is corrupted by ``masking`` each time it
+    is drawn for training (dynamic masking, a function of the seed and the draw) and the same way
+    every time it is evaluated (``draw=None``)."""
+
+    sequences: list[np.ndarray]
+    masking: Masking
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def max_length(self) -> int:
+        return max((len(s) for s in self.sequences), default=0)
+
+    def examples(self, indices: Indices, draw: int | None = None
+                 ) -> tuple[list[np.ndarray], torch.Tensor]:
+        """Corrupted input ids of examples ``indices`` and ``(B, L)`` labels: the original token
+        where one was chosen, ``IGNORE_INDEX`` elsewhere and at padding."""
+        pairs = [self.masking.apply(self.sequences[i], (i,) if draw is None else (draw, i))
+                 for i in indices]
+        return [inputs for inputs, _ in pairs], pad([labels for _, labels in pairs],
+                                                    fill=IGNORE_INDEX)[0]
+
+    def describe(self, i: int) -> str:
+        return f"{self.masking.probability:.0%} of tokens masked"
+
+
+AnySplit = Split | TokenSplit | MaskedSplit
 
 
 @dataclass
@@ -116,10 +181,12 @@ class TaskData:
     test: AnySplit
     vocab_size: int
     num_labels: int
-    head: Literal["classification", "matching", "lm"] = "classification"
+    head: Literal["classification", "matching", "lm", "mlm"] = "classification"
     decode: Callable[[Iterable[int]], str] | None = field(default=None, repr=False)  # ids -> text
     image_size: tuple[int, int] | None = None  # (H, W) when every sequence is an H x W image
     source: str | None = None  # where the data came from, for results.json
+    pad_id: int = PAD_ID  # the tokenizer's padding id (a model's pad_token_id)
+    unit: Literal["char", "token"] = "char"  # what bits per unit of an LM loss count
 
     @classmethod
     def from_splits(cls, splits: Mapping[str, AnySplit], **fields: Any) -> TaskData:
@@ -134,10 +201,13 @@ class TaskData:
         the majority-class rate, or for language modelling the bits per character of the
         training set's byte (unigram) frequencies."""
         train, target = self.train, getattr(self, split)
-        if isinstance(train, TokenSplit) and isinstance(target, TokenSplit):
-            counts = np.bincount(np.concatenate(train.targets), minlength=self.vocab_size) + 1.0
-            tokens = np.concatenate(target.targets)
-            return {"unigram_bits_per_char": float(-np.log2(counts[tokens] / counts.sum()).mean())}
+        if isinstance(train, (TokenSplit, MaskedSplit)):
+            seen = train.targets if isinstance(train, TokenSplit) else train.sequences
+            counts = np.bincount(np.concatenate(seen), minlength=self.vocab_size) + 1.0
+            labels = target.examples(range(len(target)))[1].numpy()
+            tokens = labels[labels != IGNORE_INDEX]
+            bits = float(-np.log2(counts[tokens] / counts.sum()).mean())
+            return {f"unigram_bits_per_{self.unit}": bits}
         assert isinstance(train, Split) and isinstance(target, Split)
         majority = np.bincount(train.labels, minlength=self.num_labels).argmax()
         rate = float(np.mean(target.labels == majority)) if len(target) else float("nan")
@@ -154,12 +224,15 @@ def pad(sequences: Sequence[np.ndarray], fill: int = PAD_ID) -> tuple[torch.Tens
     return ids, mask
 
 
-def collate(split: AnySplit, indices: Indices) -> dict[str, torch.Tensor]:
+def collate(split: AnySplit, indices: Indices, draw: int | None = None
+            ) -> dict[str, torch.Tensor]:
     """Examples ``indices`` of ``split`` as model inputs: ``input_ids``, ``attention_mask``
-    ``(B, L)`` and ``labels`` (``(B,)``, or ``(B, L)`` next tokens with ``IGNORE_INDEX`` at
-    padding), plus ``input_ids_2``/``attention_mask_2`` for matching tasks."""
-    ids, mask = pad([split.sequences[i] for i in indices])
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": split.batch_labels(indices)}
+    ``(B, L)`` and ``labels`` (``(B,)``, or ``(B, L)`` per-token targets with ``IGNORE_INDEX``
+    where there is no loss), plus ``input_ids_2``/``attention_mask_2`` for matching tasks.
+    ``draw`` numbers a training draw (masked LM: which random masks); ``None`` for evaluation."""
+    inputs, labels = split.examples(indices, draw)
+    ids, mask = pad(inputs)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if isinstance(split, Split) and split.pairs is not None:
         batch["input_ids_2"], batch["attention_mask_2"] = pad([split.pairs[i] for i in indices])
     return batch

@@ -42,23 +42,29 @@ SOURCE_MODULES = ("argparse", "bisect", "calendar", "colorsys", "configparser", 
 FOLDER_FILES = {"train": ("train.txt",), "val": ("valid.txt", "val.txt"), "test": ("test.txt",)}
 
 
-class LMTask(BaseModel):
-    """Config of byte-level language modelling (``task: {name: lm, ...}``)."""
+class CorpusTask(BaseModel):
+    """Where a text corpus comes from and how it is cut (shared by ``lm`` and ``mlm``)."""
 
     model_config = ConfigDict(extra="forbid")
-    name: Literal["lm"] = "lm"
     path: UserPath | None = None  # a text file, or a folder of train/valid/test .txt files
     corpus: Literal["python-docs", "python-source"] = "python-docs"  # used without a path
-    seq_len: Int = Field(default=512, ge=2)  # bytes per example (inputs; targets are shifted)
+    seq_len: Int = Field(default=512, ge=2)  # tokens per example
     max_bytes: Int | None = Field(default=None, ge=1)  # use only the first max_bytes of text
     val_fraction: Float = Field(default=0.05, gt=0, lt=1)  # for a single file or corpus
     test_fraction: Float = Field(default=0.05, gt=0, lt=1)
 
     @model_validator(mode="after")
-    def _fractions(self) -> LMTask:
+    def _fractions(self) -> CorpusTask:
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be < 1")
         return self
+
+
+class LMTask(CorpusTask):
+    """Config of byte-level language modelling (``task: {name: lm, ...}``); ``seq_len`` bytes
+    are the inputs of an example, its targets the same bytes shifted by one."""
+
+    name: Literal["lm"] = "lm"
 
 
 def read_bytes(path: Path) -> bytes:
@@ -102,7 +108,9 @@ def chunk(data: bytes, seq_len: int, where: str) -> TokenSplit:
                       [ids[s + 1:s + seq_len + 1] for s in starts])
 
 
-def load(task: LMTask, seed: int) -> TaskData:  # the text fixes the data: seed is not used
+def corpus_parts(task: CorpusTask) -> tuple[dict[str, bytes], dict[str, str], str]:
+    """The train/val/test text (UTF-8 bytes), where each part came from, and the whole
+    source's description (file names and sizes, or the embedded corpus with its SHA-256)."""
     if task.path is not None and Path(task.path).is_dir():
         folder = Path(task.path)
         files = {name: find_split_file(folder, name, names)
@@ -123,6 +131,11 @@ def load(task: LMTask, seed: int) -> TaskData:  # the text fixes the data: seed 
                  "test": text[n_train + n_val:]}
         where = {name: f"{source} ({name} part)" for name in parts}
         source = f"{source}; train/val/test {n_train}/{n_val}/{n_test} bytes"
+    return parts, where, source
+
+
+def load(task: LMTask, seed: int) -> TaskData:  # the text fixes the data: seed is not used
+    parts, where, source = corpus_parts(task)
     splits = {name: chunk(data, task.seq_len, where[name]) for name, data in parts.items()}
     return TaskData.from_splits(splits, vocab_size=BYTE_VOCAB_SIZE, num_labels=BYTE_VOCAB_SIZE,
                                 head="lm", decode=decode_bytes, source=source)

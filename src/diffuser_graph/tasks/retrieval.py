@@ -28,8 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..checks import Int, UserPath
 from ..io import read_text
 from .base import DataError, Split, TaskData, find_split_file
-from .text import encode
-from .vocab import BYTE_VOCAB_SIZE, decode_bytes
+from .vocab import BYTES, Tokenizer, encode_document, load_tokenizer
 
 LRA_FILES = {"train": ("new_aan_pairs.train.tsv", "train.tsv"),
              "val": ("new_aan_pairs.eval.tsv", "eval.tsv", "val.tsv"),
@@ -48,6 +47,7 @@ class RetrievalTask(BaseModel):
     name: Literal["retrieval"] = "retrieval"
     path: UserPath | None = None
     max_length: Int = Field(default=4000, ge=2)  # tokens per document incl. <cls>; truncates
+    tokenizer: str = "bytes"  # or a folder holding a Hugging Face tokenizer
     num_topics: Int = Field(default=16, ge=2)
     topic_words: Int = Field(default=4, ge=1)
     words: Int = Field(default=500, ge=4)  # words per synthetic document
@@ -81,7 +81,7 @@ def _parse_label(raw: str, path: Path, line: int) -> int:
     return int(value)
 
 
-def read_pairs(path: Path, max_length: int) -> Split:
+def read_pairs(path: Path, max_length: int, tokenizer: Tokenizer = BYTES) -> Split:
     """One LRA retrieval TSV (``label, id1, id2, text1, text2`` per line) as a paired split."""
     firsts, seconds, labels = [], [], []
     for line, raw in enumerate(read_text(path).split("\n"), start=1):
@@ -92,8 +92,8 @@ def read_pairs(path: Path, max_length: int) -> Split:
             raise DataError(path, line, f"expected {len(COLUMNS)} tab-separated columns "
                                         f"({', '.join(COLUMNS)}), got {len(fields)}")
         labels.append(_parse_label(fields[0], path, line))
-        firsts.append(encode(fields[3], max_length))
-        seconds.append(encode(fields[4], max_length))
+        firsts.append(encode_document(tokenizer, fields[3], max_length))
+        seconds.append(encode_document(tokenizer, fields[4], max_length))
     if not labels:
         raise DataError(path, None, "file has no examples")
     return Split(firsts, np.array(labels), pairs=seconds)
@@ -138,27 +138,31 @@ def document_topic(text: str, lexicon: list[list[str]]) -> int:
 
 
 def generate(task: RetrievalTask, lexicon: list[list[str]], size: int,
-             rng: np.random.Generator) -> Split:
+             rng: np.random.Generator, tokenizer: Tokenizer = BYTES) -> Split:
     labels = rng.permutation(np.arange(size) % 2)
-    firsts, seconds = [], []
+    firsts: list[np.ndarray] = []
+    seconds: list[np.ndarray] = []
     for label in labels:
         topic = int(rng.integers(task.num_topics))
         other = topic if label else int(rng.choice(
             [t for t in range(task.num_topics) if t != topic]))
-        firsts.append(encode(make_document(task, lexicon, topic, rng), task.max_length))
-        seconds.append(encode(make_document(task, lexicon, other, rng), task.max_length))
+        for documents, about in ((firsts, topic), (seconds, other)):
+            text = make_document(task, lexicon, about, rng)
+            documents.append(encode_document(tokenizer, text, task.max_length))
     return Split(firsts, labels, pairs=seconds)
 
 
 def load(task: RetrievalTask, seed: int) -> TaskData:
+    tokenizer = load_tokenizer(task.tokenizer)
     if task.path is not None:
         folder = Path(task.path)
-        splits = {name: read_pairs(find_split_file(folder, name, files), task.max_length)
+        splits = {name: read_pairs(find_split_file(folder, name, files), task.max_length,
+                                   tokenizer)
                   for name, files in LRA_FILES.items()}
     else:
         rng = np.random.default_rng([seed, 0xAA2])
         lexicon = topic_lexicon(task, rng)
-        splits = {name: generate(task, lexicon, getattr(task, f"{name}_size"), rng)
+        splits = {name: generate(task, lexicon, getattr(task, f"{name}_size"), rng, tokenizer)
                   for name in LRA_FILES}
-    return TaskData.from_splits(splits, vocab_size=BYTE_VOCAB_SIZE, num_labels=2,
-                                head="matching", decode=decode_bytes)
+    return TaskData.from_splits(splits, vocab_size=tokenizer.vocab_size, num_labels=2,
+                                head="matching", decode=tokenizer.decode, pad_id=tokenizer.pad_id)

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..checks import Int, UserPath
 from ..io import read_rows, read_text
 from .base import DataError, Split, TaskData, find_split_file
-from .vocab import BYTE_VOCAB_SIZE, CLS_ID, decode_bytes, encode_bytes
+from .vocab import BYTES, Tokenizer, encode_document, load_tokenizer
 
 EXTENSIONS = (".csv", ".jsonl", ".tsv")
 SPLIT_NAMES = {"train": ("train",), "val": ("val", "dev", "valid"), "test": ("test",)}
@@ -38,6 +38,7 @@ class TextTask(BaseModel):
     name: Literal["text"] = "text"
     path: UserPath | None = None
     max_length: Int = Field(default=4096, ge=2)  # tokens including <cls>; longer is truncated
+    tokenizer: str = "bytes"  # or a folder holding a Hugging Face tokenizer (e.g. RoBERTa's)
     num_labels: Int | None = Field(default=None, ge=2)  # None: 1 + the largest label seen
     synthetic_words: Int = Field(default=600, ge=10)  # document length of the generator
     synthetic_cues: Int = Field(default=7, ge=1)  # cue phrases per document (odd: no ties)
@@ -46,9 +47,6 @@ class TextTask(BaseModel):
     test_size: Int = Field(default=500, ge=1)
 
 
-def encode(text: str, max_length: int) -> np.ndarray:
-    """``<cls>`` and the first ``max_length - 1`` UTF-8 bytes of ``text`` as ids."""
-    return np.concatenate([[CLS_ID], encode_bytes(text.encode("utf-8")[: max_length - 1])])
 
 
 def _parse_label(raw, path: Path, line: int) -> int:
@@ -91,14 +89,14 @@ def _rows(path: Path):
         yield line, row[text_col], row[label_col]
 
 
-def read_file(path: Path, max_length: int) -> Split:
+def read_file(path: Path, max_length: int, tokenizer: Tokenizer = BYTES) -> Split:
     if path.suffix not in EXTENSIONS:
         raise DataError(path, None, f"unsupported file type; use one of {EXTENSIONS}")
     sequences, labels = [], []
     for line, text, raw_label in _rows(path):
         if not isinstance(text, str):
             raise DataError(path, line, f"text must be a string, got {type(text).__name__}")
-        sequences.append(encode(text, max_length))
+        sequences.append(encode_document(tokenizer, text, max_length))
         labels.append(_parse_label(raw_label, path, line))
     if not sequences:
         raise DataError(path, None, "file has no examples")
@@ -116,29 +114,33 @@ def synthetic_document(rng: np.random.Generator, words: int, cues: int) -> tuple
     return " ".join(tokens), int(positive > cues - positive)
 
 
-def generate(task: TextTask, size: int, rng: np.random.Generator) -> Split:
+def generate(task: TextTask, size: int, rng: np.random.Generator,
+             tokenizer: Tokenizer = BYTES) -> Split:
     sequences, labels = [], []
     for _ in range(size):
         text, label = synthetic_document(rng, task.synthetic_words, task.synthetic_cues)
-        sequences.append(encode(text, task.max_length))
+        sequences.append(encode_document(tokenizer, text, task.max_length))
         labels.append(label)
     return Split(sequences, np.array(labels))
 
 
 def load(task: TextTask, seed: int) -> TaskData:
+    tokenizer = load_tokenizer(task.tokenizer)
     if task.path is not None:
         folder = Path(task.path)
         files = {name: find_split_file(folder, name, [f"{stem}{ext}" for stem in stems
                                                       for ext in EXTENSIONS])
                  for name, stems in SPLIT_NAMES.items()}
-        splits = {name: read_file(path, task.max_length) for name, path in files.items()}
+        splits = {name: read_file(path, task.max_length, tokenizer)
+                  for name, path in files.items()}
     else:
         rng = np.random.default_rng([seed, 0x7E47])
-        splits = {name: generate(task, getattr(task, f"{name}_size"), rng) for name in SPLIT_NAMES}
+        splits = {name: generate(task, getattr(task, f"{name}_size"), rng, tokenizer)
+                  for name in SPLIT_NAMES}
     largest = max(int(split.labels.max()) for split in splits.values())
     num_labels = task.num_labels or max(2, largest + 1)
     if largest >= num_labels:
         raise DataError(task.path or "synthetic", None,
                         f"label {largest} found but num_labels is {num_labels}")
-    return TaskData.from_splits(splits, vocab_size=BYTE_VOCAB_SIZE, num_labels=num_labels,
-                                decode=decode_bytes)
+    return TaskData.from_splits(splits, vocab_size=tokenizer.vocab_size, num_labels=num_labels,
+                                decode=tokenizer.decode, pad_id=tokenizer.pad_id)
