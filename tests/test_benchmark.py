@@ -36,6 +36,7 @@ def test_suite_writes_table_json_and_plot(tmp_path):
     assert all(r["forward_backward_s"] > 0 and r["peak_memory_bytes"] >= 0 for r in rows)
     assert all("speedup_vs_sdpa" in r and r["fraction_of_matmul"] > 0 for r in rows)
     assert results["meta"]["matmul_gflops"] > 0
+    assert results["meta"]["sdpa_kernel"] == "aten::_scaled_dot_product_flash_attention"
     table = (out / "results.md").read_text()
     assert "| 256 | block | window32+2g+3r | 5 |" in table
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"

@@ -145,13 +145,14 @@ def test_sequences_longer_than_max_positions_are_rejected(tmp_path):
 
 SHIPPED = [name + size for name in ("listops", "text", "image", "pathfinder", "retrieval",
                                       "lm", "multihop")
-           for size in ("", "-small")]
+           for size in ("", "-small")] + ["mlm-small", "mlm-roberta", "text-roberta"]
 SMALL_DATA = {"listops": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
               "text": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
               "image": [],
               "pathfinder": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
               "retrieval": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
               "lm": ["task.max_bytes=20000"],
+              "mlm": ["task.max_bytes=20000"],
               "multihop": ["task.train_size=64", "task.val_size=16", "task.test_size=16"]}
 
 
@@ -159,6 +160,8 @@ SMALL_DATA = {"listops": ["task.train_size=64", "task.val_size=16", "task.test_s
 def test_shipped_configs_are_valid(name):
     config = load_config(REPO / "configs" / f"{name}.yaml", RunConfig)
     assert config.task.name in name
+    assert sorted(p.stem for p in (REPO / "configs").glob("*.yaml")) == sorted(
+        [*SHIPPED, "spectral"])  # a new config is added to this list, and so tested
 
 
 @pytest.mark.slow
