@@ -25,28 +25,11 @@ from diffuser_graph.cli import main
 from diffuser_graph.config import ConfigError
 from diffuser_graph.tasks import DataError, ListOpsTask, TextTask, load_task, text
 from diffuser_graph.train import RunConfig, read_metrics, train
+from runs import TINY
+from runs import tiny_run as tiny
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "diffuser-graph"
-
-TINY = {
-    "seed": 3,
-    "task": {"name": "listops", "max_depth": 3, "max_args": 4, "min_length": 6,
-             "max_length": 40, "train_size": 64, "val_size": 16, "test_size": 16},
-    "model": {"hidden_size": 16, "num_heads": 2, "num_layers": 1, "ffn_size": 32,
-              "max_positions": 48, "dropout": 0.1, "attn_dropout": 0.1, "hop_dropout": 0.1,
-              "pattern": {"window": 1, "num_global": 1, "num_random": 1}, "hops": 2},
-    "train": {"batch_size": 8, "lr": 0.003, "warmup_steps": 2, "max_steps": 12,
-              "eval_every": 4, "log_every": 2, "eval_batch_size": 16, "threads": 1},
-}
-
-
-def tiny(out_dir, **train_settings):
-    data = json.loads(json.dumps(TINY))
-    data["out_dir"] = str(out_dir)
-    data["train"].update(train_settings)
-    return RunConfig.model_validate(data)
-
 
 def write_yaml(path, data):
     path.write_text(yaml.safe_dump(data))
@@ -386,13 +369,22 @@ SLOWER = {"task": {**TINY["task"], "train_size": 256}, "model": {**TINY["model"]
                     "log_every": 1}}  # ~10 steps a second: room to act between checkpoints
 
 
+def uninterrupted_and_interrupted(tmp_path):
+    """The reference run trained straight through, and the run folder and config to interrupt."""
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    train(RunConfig.model_validate({**TINY, **SLOWER, "out_dir": str(straight)}), progress=False)
+    return straight, out, write_yaml(tmp_path / "run.yaml", {**TINY, **SLOWER, "out_dir": str(out)})
+
+
+def assert_same_run(straight, out):
+    a, b = (load_checkpoint(p / "last.pt")["model"] for p in (straight, out))
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert read_metrics(out / "metrics.jsonl") == read_metrics(straight / "metrics.jsonl")
+
+
 @pytest.mark.slow
 def test_sigint_and_sigterm_save_last_pt_and_exit_cleanly(tmp_path):
-    straight = tmp_path / "straight"
-    train(RunConfig.model_validate({**TINY, **SLOWER, "out_dir": str(straight)}),
-          progress=False)
-    out = tmp_path / "run"
-    config = write_yaml(tmp_path / "run.yaml", {**TINY, **SLOWER, "out_dir": str(out)})
+    straight, out, config = uninterrupted_and_interrupted(tmp_path)
     for number, flags in ((signal.SIGINT, ()), (signal.SIGTERM, ("--resume",))):
         process = start_training(config, *flags)
         target = len(steps_logged(out)) + 3
@@ -406,18 +398,12 @@ def test_sigint_and_sigterm_save_last_pt_and_exit_cleanly(tmp_path):
         assert f"at step {step} " in stdout and not (out / ".lock").exists()
     train(RunConfig.model_validate({**TINY, **SLOWER, "out_dir": str(out)}), resume=True,
           progress=False)
-    a, b = (load_checkpoint(p / "last.pt")["model"] for p in (straight, out))
-    assert all(torch.equal(a[name], b[name]) for name in a)
-    assert read_metrics(out / "metrics.jsonl") == read_metrics(straight / "metrics.jsonl")
+    assert_same_run(straight, out)
 
 
 @pytest.mark.slow
 def test_sigkill_at_three_moments_then_resume_equals_an_uninterrupted_run(tmp_path):
-    straight = tmp_path / "straight"
-    train(RunConfig.model_validate({**TINY, **SLOWER, "out_dir": str(straight)}),
-          progress=False)
-    out = tmp_path / "run"
-    config = write_yaml(tmp_path / "run.yaml", {**TINY, **SLOWER, "out_dir": str(out)})
+    straight, out, config = uninterrupted_and_interrupted(tmp_path)
 
     def kill_when(condition, *flags):
         process = start_training(config, *flags)
@@ -438,9 +424,6 @@ def test_sigkill_at_three_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
     done = start_training(config, "--resume")
     stdout, stderr = done.communicate(timeout=240)
     assert done.returncode == 0, stderr
-    a, b = (load_checkpoint(p / "last.pt")["model"] for p in (straight, out))
-    assert all(torch.equal(a[name], b[name]) for name in a)
-    records = read_metrics(out / "metrics.jsonl")
-    assert records == read_metrics(straight / "metrics.jsonl")
-    steps = [(r["step"], r["split"]) for r in records]
+    assert_same_run(straight, out)
+    steps = [(r["step"], r["split"]) for r in read_metrics(out / "metrics.jsonl")]
     assert len(steps) == len(set(steps))  # each step once

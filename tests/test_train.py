@@ -16,26 +16,12 @@ from diffuser_graph.cli import main
 from diffuser_graph.config import ConfigError, load_config
 from diffuser_graph.tasks import collate, load_task
 from diffuser_graph.train import RunConfig, model_for_task, read_metrics, train
+from runs import TINY, tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = {
-    "seed": 3,
-    "task": {"name": "listops", "max_depth": 3, "max_args": 4, "min_length": 6,
-             "max_length": 40, "train_size": 64, "val_size": 16, "test_size": 16},
-    "model": {"hidden_size": 16, "num_heads": 2, "num_layers": 1, "ffn_size": 32,
-              "max_positions": 48, "dropout": 0.1, "attn_dropout": 0.1, "hop_dropout": 0.1,
-              "pattern": {"window": 1, "num_global": 1, "num_random": 1}, "hops": 2},
-    "train": {"batch_size": 8, "lr": 0.003, "warmup_steps": 2, "max_steps": 12,
-              "eval_every": 4, "log_every": 2, "eval_batch_size": 16, "threads": 1},
-}
-
-
 def tiny(tmp_path, name="run", **train_overrides):
-    data = json.loads(json.dumps(TINY))
-    data["out_dir"] = str(tmp_path / name)
-    data["train"].update(train_overrides)
-    return RunConfig.model_validate(data)
+    return tiny_run(tmp_path / name, **train_overrides)
 
 
 def test_training_writes_the_run_folder(tmp_path):

@@ -40,8 +40,21 @@ def find_split_file(folder: Path, split: str, names: Sequence[str]) -> Path:
     raise DataError(folder, None, f"no {split} file found (looked for {', '.join(names)})")
 
 
+class Sequences:
+    """What every split has: token-id ``sequences`` (int64, no padding), a length and the
+    longest sequence."""
+
+    sequences: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def max_length(self) -> int:
+        return max((len(s) for s in self.sequences), default=0)
+
+
 @dataclass
-class Split:
+class Split(Sequences):
     """One split of a classification or matching task: ``sequences[i]`` (int64 token ids, no
     padding) has label ``labels[i]``; matching tasks also set ``pairs[i]``, the second sequence
     of example i."""
@@ -57,12 +70,8 @@ class Split:
         if self.pairs is not None and len(self.pairs) != len(self.sequences):
             raise ValueError(f"{len(self.sequences)} sequences but {len(self.pairs)} pairs")
 
-    def __len__(self) -> int:
-        return len(self.sequences)
-
     def max_length(self) -> int:
-        lengths = [len(s) for s in self.sequences + (self.pairs or [])]
-        return max(lengths) if lengths else 0
+        return max((len(s) for s in self.sequences + (self.pairs or [])), default=0)
 
     def examples(self, indices: Indices, draw: int | None = None
                  ) -> tuple[list[np.ndarray], torch.Tensor]:
@@ -74,7 +83,7 @@ class Split:
 
 
 @dataclass
-class TokenSplit:
+class TokenSplit(Sequences):
     """One split of a language-modelling task: ``targets[i]`` holds the next token at every
     position of ``sequences[i]``."""
 
@@ -85,12 +94,6 @@ class TokenSplit:
         if len(self.targets) != len(self.sequences) or any(
                 len(t) != len(s) for t, s in zip(self.targets, self.sequences, strict=True)):
             raise ValueError("targets must have one token per token of each sequence")
-
-    def __len__(self) -> int:
-        return len(self.sequences)
-
-    def max_length(self) -> int:
-        return max((len(s) for s in self.sequences), default=0)
 
     def examples(self, indices: Indices, draw: int | None = None
                  ) -> tuple[list[np.ndarray], torch.Tensor]:
@@ -137,19 +140,13 @@ class Masking:
 
 
 @dataclass
-class MaskedSplit:
+class MaskedSplit(Sequences):
     """One split of a masked-LM task: ``sequences[i]`` is corrupted by ``masking`` each time it
     is drawn for training (dynamic masking, a function of the seed and the draw) and the same way
     every time it is evaluated (``draw=None``)."""
 
     sequences: list[np.ndarray]
     masking: Masking
-
-    def __len__(self) -> int:
-        return len(self.sequences)
-
-    def max_length(self) -> int:
-        return max((len(s) for s in self.sequences), default=0)
 
     def examples(self, indices: Indices, draw: int | None = None
                  ) -> tuple[list[np.ndarray], torch.Tensor]:
