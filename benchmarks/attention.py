@@ -3,11 +3,12 @@
     python benchmarks/attention.py                     # the full suite (make bench)
     python benchmarks/attention.py --lengths 512 1024  # a quick look
 
-Each case runs in a fresh subprocess, so its peak memory (max RSS growth over the inputs) is its
-own. Times are medians of repeats after a warm-up, forward and forward+backward. Counted FLOPs:
-``2 E H D`` for the scores plus ``2 E H D`` per hop; achieved GFLOP/s are compared with a dense
-fp32 matmul measured in the same run (the machine's practical peak). Writes ``results.json``,
-``results.md`` and ``results.png`` into ``--out``.
+Each case runs in a fresh subprocess, so its peak memory (max RSS growth over the inputs, or
+CUDA memory allocated above the inputs with ``--device cuda``) is its own. Times are medians of
+repeats after a warm-up, forward and forward+backward. Counted FLOPs: ``2 E H D`` for the scores
+plus ``2 E H D`` per hop; achieved GFLOP/s are compared with a dense fp32 matmul measured in the
+same run (the machine's practical peak). Writes ``results.json``, ``results.md`` and
+``results.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -16,11 +17,7 @@ import argparse
 import json
 import math
 import os
-import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("DGLBACKEND", "pytorch")
@@ -30,6 +27,16 @@ import torch.nn.functional as F  # noqa: E402
 
 from diffuser_graph import Diffusion, PackedBatch, PatternSpec, build_graph, diffusion_attention  # noqa: E402
 from diffuser_graph.engines.block import supports  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import (  # noqa: E402
+    machine,
+    matmul_gflops,
+    peak_memory,
+    reset_peak_memory,
+    run_in_subprocess,
+    time_step,
+)
 
 PATTERNS = {
     "window32+2g+3r": PatternSpec(window=32, num_global=2, num_random=3),
@@ -58,30 +65,33 @@ def make_function(case: dict):
     if impl == "dense_sdpa":  # 4-D (B, H, N, D), as its users call it: the fused kernel runs
         return lambda q, k, v: F.scaled_dot_product_attention(
             *(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))).squeeze(0).transpose(0, 1), 0
-    spec = PATTERNS[case["pattern"]]
+    spec, device = PATTERNS[case["pattern"]], torch.device(case["device"])
     g = build_graph(case["n"], spec)
     edges = g.num_edges()
     if impl in ENGINES or impl == "sparse_one_hop":
         engine = "dgl" if impl == "sparse_one_hop" else impl
         diffusion = Diffusion.one_hop() if impl == "sparse_one_hop" else Diffusion(
             alpha=alpha, hops=hops)
-        batch = PackedBatch.from_lengths([case["n"]], spec, engine=engine)
+        batch = PackedBatch.from_lengths([case["n"]], spec, engine=engine, device=device)
         batch.plan  # noqa: B018 -- planned once, as a model does per batch
         return lambda q, k, v: diffusion_attention(batch, q, k, v, diffusion), edges
     src, dst = g.edges()
     if impl == "dense_masked":
         mask = torch.zeros(case["n"], case["n"], dtype=torch.bool)
         mask[dst, src] = True
+        mask = mask.to(device)
         return lambda q, k, v: dense_masked_attention(mask, q, k, v, alpha, hops), edges
     raise ValueError(f"unknown implementation {impl!r}")
 
 
-def sdpa_kernel(heads: int, dim: int) -> str:
+def sdpa_kernel(heads: int, dim: int, device: torch.device) -> str:
     """The aten kernel that ``scaled_dot_product_attention`` runs for the suite's 4-D inputs."""
     from torch.profiler import ProfilerActivity, profile
 
-    q = torch.randn(1, heads, 256, dim)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    q = torch.randn(1, heads, 256, dim, device=device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
         F.scaled_dot_product_attention(q, q, q)
     names = {event.key for event in prof.key_averages()}
     return next((name for name in sorted(names) if name.startswith("aten::_scaled_dot_product")),
@@ -96,30 +106,15 @@ def counted_flops(case: dict, edges: int) -> float:
     return 2.0 * edges * heads * dim * (1 + hops)
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return int(next(line for line in status if line.startswith(field)).split()[1])
-
-
-def reset_peak_memory() -> int:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; return that RSS in bytes."""
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-    return _status_kib("VmRSS:") * 1024
-
-
-def peak_memory() -> int:
-    return _status_kib("VmHWM:") * 1024
-
-
 def run_case(case: dict) -> dict:
     """Time one case in this process (meant to be a fresh one) and measure its peak memory."""
     torch.manual_seed(0)
     torch.set_num_threads(case["threads"])
+    device = torch.device(case["device"])
     fn, edges = make_function(case)
-    q, k, v = (torch.randn(case["n"], case["heads"], case["dim"], requires_grad=True)
-               for _ in range(3))
-    baseline = reset_peak_memory()  # setup (e.g. building the pattern) does not count
+    q, k, v = (torch.randn(case["n"], case["heads"], case["dim"], device=device,
+                           requires_grad=True) for _ in range(3))
+    baseline = reset_peak_memory(device)  # setup (e.g. building the pattern) does not count
 
     def forward():
         with torch.no_grad():
@@ -131,61 +126,33 @@ def run_case(case: dict) -> dict:
 
     result = {**case, "edges": edges, "flops": counted_flops(case, edges)}
     for name, step in (("forward", forward), ("forward_backward", forward_backward)):
-        step()  # warm-up (and graph formats, caches)
-        times = []
-        deadline = time.perf_counter() + case["budget_s"]
-        while len(times) < case["repeats"] and (len(times) < 1 or time.perf_counter() < deadline):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-        result[f"{name}_s"] = statistics.median(times)
-        result[f"{name}_repeats"] = len(times)
-    result["peak_memory_bytes"] = max(0, peak_memory() - baseline)
+        result[f"{name}_s"], result[f"{name}_repeats"] = time_step(
+            step, device, case["repeats"], case["budget_s"])
+    result["peak_memory_bytes"] = max(0, peak_memory(device) - baseline)
     return result
-
-
-def matmul_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
-    torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2.0 * size**3 / statistics.median(times) / 1e9
 
 
 # --- the suite ---------------------------------------------------------------------------------
 
-def cases(lengths, patterns, hops_list, heads, dim, threads, repeats, budget_s):
+def cases(lengths, patterns, hops_list, heads, dim, threads, repeats, budget_s, device="cpu"):
+    on_cuda = torch.device(device).type == "cuda"
     for n in lengths:
         base = dict(n=n, heads=heads, dim=dim, threads=threads, repeats=repeats,
-                    budget_s=budget_s)
+                    budget_s=budget_s, device=device)
         yield {**base, "impl": "dense_sdpa", "pattern": None, "hops": 0}
         for pattern in patterns:
             spec = PATTERNS[pattern]
             if spec.kind == "official" and n > spec.max_len:
                 continue
-            yield {**base, "impl": "sparse_one_hop", "pattern": pattern, "hops": 1}
+            if not on_cuda:  # one hop runs on the DGL engine, which has no CUDA kernels here
+                yield {**base, "impl": "sparse_one_hop", "pattern": pattern, "hops": 1}
             for hops in hops_list:  # K = 1 is sparse_one_hop above
                 for impl in ("block", "dgl", "gather", "dense_masked"):
                     if (impl == "dense_masked" and n > DENSE_MASKED_MAX) or (
-                            impl == "block" and not supports(spec)):
+                            impl == "block" and not supports(spec)) or (
+                            impl == "dgl" and on_cuda):
                         continue
                     yield {**base, "impl": impl, "pattern": pattern, "hops": hops}
-
-
-def run_in_subprocess(case: dict, timeout: float) -> dict:
-    command = [sys.executable, __file__, "--case", json.dumps(case)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {**case, "error": f"timed out after {timeout:.0f} s"}
-    if done.returncode != 0:
-        reason = "out of memory" if done.returncode in (-9, 137) else done.stderr.strip()[-300:]
-        return {**case, "error": reason}
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def add_ratios(rows: list[dict], peak_gflops: float) -> None:
@@ -269,7 +236,7 @@ def profile(n: int, heads: int, dim: int, threads: int, rows: int = 12) -> str:
                 f"{threads} threads, forward+backward", ""]
     for impl in ("block", "dgl"):
         case = dict(impl=impl, n=n, heads=heads, dim=dim, threads=threads, pattern="window32+2g+3r",
-                    hops=5)
+                    hops=5, device="cpu")
         torch.set_num_threads(threads)
         fn, _ = make_function(case)
         q, k, v = (torch.randn(n, heads, dim, requires_grad=True) for _ in range(3))
@@ -290,6 +257,8 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (the DGL engine and "
+                        "one-hop DGL cases run on the CPU only)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of repeats per case")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per case")
@@ -313,14 +282,16 @@ def main(argv=None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    peak = matmul_gflops(args.threads)
+    device = torch.device(args.device)
+    peak = matmul_gflops(args.threads, device)
     todo = list(cases(args.lengths, args.patterns, args.hops, args.heads, args.dim, args.threads,
-                      args.repeats, args.budget))
-    rows = [run_in_subprocess(case, args.timeout) for case in tqdm(todo, desc="benchmark")]
+                      args.repeats, args.budget, args.device))
+    rows = [run_in_subprocess(__file__, case, args.timeout)
+            for case in tqdm(todo, desc="benchmark")]
     add_ratios(rows, peak)
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+    meta = {"machine": machine(device), "device": args.device,
             "threads": args.threads, "heads": args.heads, "dim": args.dim,
-            "matmul_gflops": peak, "sdpa_kernel": sdpa_kernel(args.heads, args.dim)}
+            "matmul_gflops": peak, "sdpa_kernel": sdpa_kernel(args.heads, args.dim, device)}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     (out / "results.md").write_text(markdown(rows, meta))
     plot(rows, out / "results.png")

@@ -264,3 +264,28 @@ def test_full_attention_equals_graph_attention_over_every_pair_and_checks_length
         full_attention([5, 4], q, k, v)
     with pytest.raises(ValueError, match="attn_dropout"):
         full_attention(lengths, q, k, v, attn_dropout=1.0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("lengths", [[6, 6], [6, 4]])
+def test_full_attention_with_and_without_padding_matches_the_pattern(lengths, causal):
+    from diffuser_graph.attention import full_attention
+
+    q, k, v = random_qkv(sum(lengths))
+    everything = batch_graphs(lengths, PatternSpec(window=10, causal=causal))
+    torch.testing.assert_close(full_attention(lengths, q, k, v, causal=causal),
+                               diffusion_attention(everything, q, k, v, alpha=0.0, hops=1),
+                               rtol=0, atol=1e-12)
+
+
+def test_full_attention_on_equal_lengths_runs_the_fused_kernel():
+    from torch.profiler import ProfilerActivity, profile
+
+    from diffuser_graph.attention import full_attention
+
+    q, k, v = (x.float() for x in random_qkv(2 * 64))
+    for lengths, fused in (([64, 64], True), ([64, 60, 4], False)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            full_attention(lengths, q, k, v)
+        names = {event.key for event in prof.key_averages()}
+        assert ("aten::_scaled_dot_product_flash_attention" in names) is fused

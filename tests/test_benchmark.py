@@ -40,3 +40,60 @@ def test_suite_writes_table_json_and_plot(tmp_path):
     table = (out / "results.md").read_text()
     assert "| 256 | block | window32+2g+3r | 5 |" in table
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+
+LAYERS_SCRIPT = SCRIPT.with_name("layers.py")
+layers_spec = importlib.util.spec_from_file_location("layers_benchmark", LAYERS_SCRIPT)
+layers = importlib.util.module_from_spec(layers_spec)
+layers_spec.loader.exec_module(layers)
+
+
+def layer_case(impl, n=256, pattern="window32+2g+3r"):
+    return dict(impl=impl, n=n, hidden=32, heads=2, pattern=pattern, block_size=32, hops=3,
+                device="cpu", threads=1, repeats=1, budget_s=0.01)
+
+
+@pytest.mark.parametrize("impl", ["diffuser", "diffuser_dgl", "sparse", "sdpa", "bigbird",
+                                  "longformer", "transformerconv"])
+def test_every_layer_maps_hidden_states_and_reports_its_pattern(impl):
+    pytest.importorskip(layers.PEERS.get(impl, "torch"))
+    case = layer_case(impl)
+    layer, forward, info = layers.LAYERS[impl](case, torch.device("cpu"))
+    x = torch.randn(case["n"], case["hidden"], requires_grad=True)
+    out = forward(x)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    out.sum().backward()
+    assert x.grad.abs().sum() > 0 and all(p.grad is not None for p in layer.parameters()
+                                          if p.requires_grad)
+    expected_hops = 3 if impl.startswith("diffuser") else 1
+    assert info["hops_per_layer"] == expected_hops
+    edges = build_graph(case["n"], layers.PATTERNS[case["pattern"]]).num_edges()
+    if impl in ("diffuser", "diffuser_dgl", "sparse", "transformerconv"):
+        assert info["keys_per_query"] == edges / case["n"]  # the same graph for all of them
+    if impl == "diffuser_dgl":
+        assert info["engine"] == "dgl"
+
+
+def test_diffuser_layer_on_the_dgl_engine_equals_the_auto_engine():
+    case = layer_case("diffuser", pattern="official")
+    torch.manual_seed(0)
+    _, fast, info = layers.diffuser_layer(case, torch.device("cpu"))
+    torch.manual_seed(0)
+    _, reference, _ = layers.diffuser_layer({**case, "impl": "diffuser_dgl"}, torch.device("cpu"))
+    x = torch.randn(case["n"], case["hidden"])
+    assert info["engine"] == "block"
+    torch.testing.assert_close(fast(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_layer_suite_writes_ratios_and_names_missing_peers(tmp_path, monkeypatch):
+    monkeypatch.setattr(layers, "installed", lambda module: module != "torch_geometric")
+    assert layers.main(["--lengths", "256", "--repeats", "1", "--budget", "0.1", "--threads",
+                        "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "layers-peers.json").read_text())["rows"]
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["transformerconv"]["error"] == "torch_geometric is not installed (bench extra)"
+    assert by_impl["sdpa"]["time_vs_sdpa"] == 1.0
+    assert by_impl["diffuser"]["time_vs_bigbird"] > 0 and by_impl["diffuser"]["memory_vs_sdpa"] >= 0
+    table = (tmp_path / "layers-peers.md").read_text()
+    assert "| 256 | diffuser | block |" in table and "| 256 | longformer |" in table

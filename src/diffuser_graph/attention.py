@@ -113,7 +113,8 @@ def full_attention(
     :class:`Padding`, a :class:`PackedBatch` or a list of lengths). Each sequence is padded and
     attended with ``scaled_dot_product_attention`` on ``(B, H, L, D)`` tensors under a
     key-padding mask (and, with ``causal``, only to keys at or before the query), then packed
-    back to ``(N, H, D)``.
+    back to ``(N, H, D)``. Sequences of one length need no mask, so SDPA runs its fused kernel
+    (flash attention) on them.
     """
     if isinstance(padding, PackedBatch):
         padding = padding.padding
@@ -123,13 +124,17 @@ def full_attention(
         raise ValueError(f"q, k, v have N={q.shape[0]} rows but lengths sum to "
                          f"{padding.num_tokens}")
     attn_dropout = check_probability("attn_dropout", attn_dropout)
-    key_mask = padding.mask.to(q.device)[:, None, None, :]  # (B, 1, 1, L)
-    if causal:
-        width = key_mask.shape[-1]
-        key_mask = key_mask & torch.ones(width, width, dtype=torch.bool, device=q.device).tril()
+    key_mask: torch.Tensor | None = None
+    if min(padding.lengths) < padding.padded_shape[1]:  # a mask takes SDPA's unfused math path
+        key_mask = padding.mask.to(q.device)[:, None, None, :]  # (B, 1, 1, L)
+        if causal:
+            width = key_mask.shape[-1]
+            key_mask = key_mask & torch.ones(width, width, dtype=torch.bool,
+                                             device=q.device).tril()
     query, key, value = (padding.unpack(x).transpose(1, 2) for x in (q, k, v))  # (B, H, L, D)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask,
-                                         dropout_p=attn_dropout if training else 0.0)
+                                         dropout_p=attn_dropout if training else 0.0,
+                                         is_causal=causal and key_mask is None)
     return padding.pack(out.transpose(1, 2))
 
 

@@ -1,0 +1,89 @@
+"""What the benchmark scripts share: timing, peak memory and one case per fresh subprocess.
+
+On the CPU the peak is the kernel's peak-RSS mark (VmHWM) over the case's inputs; on CUDA it is
+``torch.cuda.max_memory_allocated`` above what was allocated when the case started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(next(line for line in status if line.startswith(field)).split()[1])
+
+
+def reset_peak_memory(device: torch.device) -> int:
+    """Reset the peak mark to the memory in use now; return that amount in bytes."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return _status_kib("VmRSS:") * 1024
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _status_kib("VmHWM:") * 1024
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step: Callable[[], object], device: torch.device, repeats: int,
+              budget_s: float) -> tuple[float, int]:
+    """Median seconds of ``step`` after one warm-up, and how many repeats the budget allowed."""
+    step()
+    synchronize(device)
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < repeats and (len(times) < 1 or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), len(times)
+
+
+def matmul_gflops(threads: int, device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """Dense fp32 matmul throughput: the machine's practical peak for the ratios."""
+    torch.set_num_threads(threads)
+    if device.type == "cuda":
+        size *= 4
+    a, b = (torch.randn(size, size, device=device) for _ in range(2))
+    seconds, _ = time_step(lambda: a @ b, device, repeats, budget_s=float("inf"))
+    return 2.0 * size**3 / seconds / 1e9
+
+
+def machine(device: torch.device) -> str:
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"{platform.machine()}, {os.cpu_count()} CPUs")
+    return f"{where}, torch {torch.__version__}"
+
+
+def run_in_subprocess(script: str, case: dict, timeout: float) -> dict:
+    """Run ``script --case JSON`` in a fresh interpreter; its last stdout line is the result."""
+    command = [sys.executable, script, "--case", json.dumps(case)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**case, "error": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        reason = "out of memory" if done.returncode in (-9, 137) else done.stderr.strip()[-300:]
+        return {**case, "error": reason}
+    return json.loads(done.stdout.strip().splitlines()[-1])
