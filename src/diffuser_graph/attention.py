@@ -39,8 +39,8 @@ def _diffuse(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, diff
     attention = plan.attention(q, k)
     dropped = tuple(F.dropout(part, attn_dropout, training) for part in attention)
     out = diffusion.apply(
-        lambda z: F.dropout(plan.propagate(dropped, z), hop_dropout, training), v)
-    return out, plan.edge_attention(attention) if return_attention else None
+        lambda z: F.dropout(plan.propagate(dropped, z), hop_dropout, training), plan.enter(v))
+    return plan.leave(out, v.shape[1]), plan.edge_attention(attention) if return_attention else None
 
 
 def diffusion_attention(

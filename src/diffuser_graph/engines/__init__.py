@@ -6,7 +6,9 @@ and the plan offers the same three operations, so diffusion is written once
 
 - ``attention(q, k)``: the row-stochastic one-hop attention ``A`` from ``q, k: (N, H, D)``, as a
   tuple of tensors in the engine's own layout;
-- ``propagate(attention, z)``: ``A z`` for ``z: (N, H, Dv)``;
+- ``enter(v)`` and ``leave(z, heads)``: packed ``(N, H, Dv)`` tokens into the layout the engine
+  propagates in, and back (the identity for ``dgl`` and ``gather``), so K hops stay there;
+- ``propagate(attention, z)``: ``A z`` for ``z`` in that layout;
 - ``edge_attention(attention)``: ``A`` as ``(E, H)`` in the batch graph's edge order (only
   where ``plan.edge_order`` is true).
 
@@ -47,6 +49,10 @@ class Plan(Protocol):
     def edge_order(self) -> bool: ...
 
     def attention(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def leave(self, x: torch.Tensor, heads: int) -> torch.Tensor: ...
 
     def propagate(self, attention: tuple[torch.Tensor, ...], z: torch.Tensor) -> torch.Tensor: ...
 

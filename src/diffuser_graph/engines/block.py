@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..graph import build_graph
 from ..patterns import PatternSpec
+from .band import BandApply, BandGeometry, BandScores
 from .gathered import GatherIndex, gather_dot, gather_sum
 
 
@@ -55,20 +56,6 @@ def prefer_block(spec: PatternSpec, lengths: Sequence[int]) -> bool:
     return spec.kind == "official" and mean_length >= 256
 
 
-@dataclass(frozen=True)
-class BandGeometry:
-    """Queries in blocks of ``block`` tokens; block ``c`` holds queries ``[c b, (c+1) b)`` and
-    sees keys ``[c b - left, (c+1) b + right)``."""
-
-    block: int
-    left: int
-    right: int
-
-    @property
-    def width(self) -> int:
-        return self.left + self.block + self.right
-
-
 def band_geometry(spec: PatternSpec) -> BandGeometry:
     """The narrowest band that holds a pattern's local edges."""
     if spec.kind == "official":
@@ -84,20 +71,28 @@ def band_geometry(spec: PatternSpec) -> BandGeometry:
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """Where each edge of one sequence's pattern lives in the blocked computation."""
+    """Where each edge of one sequence's pattern lives in the blocked computation.
+
+    The sequence is padded to ``padded = n_blocks * block`` rows. A padded query attends only to
+    itself (a padded key, never attended by a real query), so its softmax stays finite.
+    """
 
     n: int
     geometry: BandGeometry
     globals: torch.Tensor  # (G,) global token positions
-    global_keys: torch.Tensor | None  # (n, G) bool: query i attends global j; None: all do
-    global_rows: torch.Tensor | None  # (G, n) bool: global j attends key i; None: all keys
+    global_keys: torch.Tensor | None  # (padded, G) bool: query i attends global j; None: all do
+    global_rows: torch.Tensor | None  # (G, padded) bool: global j attends key i; None: all keys
     band_mask: torch.Tensor  # (n_blocks, block, width) bool: key is a band edge
-    random_keys: torch.Tensor  # (n, R) key index per random edge (0 where padded)
-    random_mask: torch.Tensor  # (n, R) bool: a real random edge
+    random_keys: torch.Tensor  # (padded, R) key index per random edge (0 where padded)
+    random_mask: torch.Tensor  # (padded, R) bool: a real random edge
 
     @property
     def num_blocks(self) -> int:
         return self.band_mask.shape[0]
+
+    @property
+    def padded(self) -> int:
+        return self.num_blocks * self.geometry.block
 
     def to(self, device: torch.device) -> BlockLayout:
         def move(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -167,11 +162,17 @@ def block_layout(seq_len: int, spec: PatternSpec, block: int = 0) -> BlockLayout
     if covered != edges.size:
         raise ValueError(f"the block layout holds {covered} edges but the graph has "
                          f"{edges.size}: band, globals and random keys must cover it exactly")
+    pad = n_blocks * b - n
+    band |= (query >= n) & (key == query)  # padded queries attend themselves
+    keep_keys = global_keys.all() and not pad
+    keep_rows = global_rows.all() and not pad
+    rows = ((0, pad), (0, 0))
     return BlockLayout(
         n, geometry, torch.from_numpy(globals_),
-        None if global_keys.all() else torch.from_numpy(global_keys),
-        None if global_rows.all() else torch.from_numpy(global_rows),
-        torch.from_numpy(band), torch.from_numpy(random_keys), torch.from_numpy(random_mask))
+        None if keep_keys else torch.from_numpy(np.pad(global_keys, rows)),
+        None if keep_rows else torch.from_numpy(np.pad(global_rows, ((0, 0), (0, pad)))),
+        torch.from_numpy(band), torch.from_numpy(np.pad(random_keys, rows)),
+        torch.from_numpy(np.pad(random_mask, rows)))
 
 
 @lru_cache(maxsize=1024)
@@ -179,56 +180,45 @@ def _layout_on(seq_len: int, spec: PatternSpec, device: torch.device) -> BlockLa
     return block_layout(seq_len, spec).to(device)
 
 
-def _windows(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """``x: (H, n, D)`` -> ``(H, n_blocks, width, D)``: the keys each query block can reach."""
-    shape = layout.geometry
-    right = layout.num_blocks * shape.block - layout.n + shape.right
-    padded = F.pad(x, (0, 0, shape.left, right))
-    return padded.unfold(1, shape.width, shape.block).transpose(-1, -2)
-
-
-def _blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """``x: (H, n, ...)`` -> ``(H, n_blocks, b, ...)``, zero-padded at the end."""
-    block = layout.geometry.block
-    pad = [0, 0] * (x.dim() - 2) + [0, layout.num_blocks * block - layout.n]
-    return F.pad(x, pad).reshape(x.shape[0], layout.num_blocks, block, *x.shape[2:])
-
-
-
-
 def _attention_parts(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor,
                      gather: GatherIndex) -> tuple[torch.Tensor, ...]:
-    """One sequence's ``A`` from ``q, k: (H, n, D)``: the band ``(H, n_blocks, b, width)``, the
-    global keys ``(H, n, G)``, the random keys ``(H, n, R)`` (one joint softmax over the three)
-    and the rows of the global queries ``(H, G, n)``."""
-    heads, n, dim = q.shape
+    """One group's ``A`` from ``q, k: (B, padded, D)`` (B = sequences x heads): the band
+    ``(B * n_blocks, b, width)``, the global keys ``(B, padded, G)``, the random keys
+    ``(B, padded, R)`` (one joint softmax over the three) and the global rows ``(B, G, padded)``.
+    """
+    batch, padded, dim = q.shape
+    shape = layout.geometry
     scale = 1.0 / math.sqrt(dim)
-    band = (_blocks(q, layout) @ _windows(k, layout).transpose(-1, -2)) * scale
-    band = band.masked_fill(~layout.band_mask, -math.inf)
-    band = band.reshape(heads, -1, band.shape[-1])[:, :n]  # (H, n, width)
+    chunks = (batch * layout.num_blocks, shape.block, dim)
+    band = BandScores.apply(shape, q.reshape(chunks), k.reshape(chunks)) * scale
+    band = band.view(batch, layout.num_blocks, shape.block, shape.width)
+    band = band.masked_fill(~layout.band_mask, -math.inf).view(batch, padded, shape.width)
     glob = layout.globals
-    to_globals = (q @ k[:, glob].transpose(-1, -2)) * scale  # (H, n, G)
+    to_globals = (q @ k[:, glob].transpose(-1, -2)) * scale  # (B, padded, G)
     if layout.global_keys is not None:
         to_globals = to_globals.masked_fill(~layout.global_keys, -math.inf)
-    random = gather_dot(q, k, gather) * scale  # (H, n, R)
+    random = gather_dot(q, k, gather) * scale  # (B, padded, R)
     random = random.masked_fill(~layout.random_mask, -math.inf)
     joint = torch.softmax(torch.cat([band, to_globals, random], dim=-1), dim=-1)
-    sizes = [band.shape[-1], to_globals.shape[-1], random.shape[-1]]
+    sizes = [shape.width, to_globals.shape[-1], random.shape[-1]]
     band_attn, global_attn, random_attn = torch.split(joint, sizes, dim=-1)
-    rows = (q[:, glob] @ k.transpose(-1, -2)) * scale  # (H, G, n)
+    rows = (q[:, glob] @ k.transpose(-1, -2)) * scale  # (B, G, padded)
     if layout.global_rows is not None:
         rows = rows.masked_fill(~layout.global_rows, -math.inf)
-    return _blocks(band_attn, layout), global_attn, random_attn, torch.softmax(rows, dim=-1)
+    band_attn = band_attn.reshape(batch * layout.num_blocks, shape.block, shape.width)
+    # Each hop reads the random weights as (B * padded, R) rows: make them contiguous once.
+    return band_attn, global_attn, random_attn.contiguous(), torch.softmax(rows, dim=-1)
 
 
 def _propagate_one(layout: BlockLayout, parts: Sequence[torch.Tensor], z: torch.Tensor,
                    gather: GatherIndex) -> torch.Tensor:
-    """``A z`` for one sequence, ``z: (H, n, Dv)``."""
-    band_blocks, global_attn, random_attn, rows = parts
+    """``A z`` for one group, ``z: (B, padded, Dv)``."""
+    band_attn, global_attn, random_attn, rows = parts
+    batch, padded, dim = z.shape
     glob = layout.globals
-    out = (band_blocks @ _windows(z, layout)).reshape(z.shape[0], -1, z.shape[-1])[:, :layout.n]
-    out = out + global_attn @ z[:, glob]
-    out = out + gather_sum(random_attn, z, gather)
+    chunks = z.reshape(batch * layout.num_blocks, layout.geometry.block, dim)
+    out = BandApply.apply(layout.geometry, band_attn, chunks).view(batch, padded, dim)
+    out = out + global_attn @ z[:, glob] + gather_sum(random_attn, z, gather)
     return out.index_copy(1, glob, rows @ z)
 
 
@@ -248,13 +238,19 @@ class _Group:
     def gather(self, batch: int) -> GatherIndex:
         if batch not in self.gathers:
             self.gathers[batch] = GatherIndex.build(self.layout.random_keys,
-                                                    self.layout.random_mask, batch, self.layout.n)
+                                                    self.layout.random_mask, batch,
+                                                    self.layout.padded)
         return self.gathers[batch]
 
 
 class BlockPlan:
     """Sequences grouped by length; each group is one batched computation on its layout, with the
-    sequences of the group next to the heads in the leading (batch) dimension."""
+    sequences of the group next to the heads in the leading (batch) dimension.
+
+    The diffusion runs in the plan's own layout (:meth:`enter`, :meth:`leave`): every group's
+    ``(count * H, padded, D)`` rows stacked into one ``(rows, D)`` tensor, so the K hops move no
+    data between layouts.
+    """
 
     name = "block"
     edge_order = False  # the band is held by blocks, not per edge
@@ -271,28 +267,47 @@ class BlockPlan:
             for n, members in by_length.items()]
         self.num_tokens = int(sum(lengths))
 
-    @staticmethod
-    def _gather(group: _Group, x: torch.Tensor) -> torch.Tensor:
-        """Packed ``x: (N, H, D)`` -> ``(count * H, n, D)`` for one group."""
+    def _slabs(self, x: torch.Tensor, heads: int) -> list[torch.Tensor]:
+        """The plan layout ``(rows, D)`` cut into each group's ``(count * H, padded, D)``."""
+        sizes = [group.count * heads * group.layout.padded for group in self.groups]
+        return [part.view(-1, group.layout.padded, x.shape[-1])
+                for part, group in zip(torch.split(x, sizes), self.groups, strict=True)]
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed ``x: (N, H, D)`` -> the plan layout ``(rows, D)``."""
         heads, dim = x.shape[1], x.shape[2]
-        rows = x.index_select(0, group.rows).view(group.count, group.layout.n, heads, dim)
-        return rows.permute(0, 2, 1, 3).reshape(group.count * heads, group.layout.n, dim)
+        slabs = []
+        for group in self.groups:
+            n, padded = group.layout.n, group.layout.padded
+            rows = x.index_select(0, group.rows).view(group.count, n, heads, dim)
+            rows = F.pad(rows, (0, 0, 0, 0, 0, padded - n)).permute(0, 2, 1, 3)
+            slabs.append(rows.reshape(-1, dim))
+        return slabs[0] if len(slabs) == 1 else torch.cat(slabs)
+
+    def leave(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        """The plan layout ``(rows, D)`` -> packed ``(N, H, D)``."""
+        dim = x.shape[-1]
+        out = x.new_empty(self.num_tokens, heads, dim)
+        for group, slab in zip(self.groups, self._slabs(x, heads), strict=True):
+            rows = slab.view(group.count, heads, -1, dim)[:, :, :group.layout.n]
+            out = out.index_copy(0, group.rows, rows.permute(0, 2, 1, 3).reshape(-1, heads, dim))
+        return out
 
     def attention(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(tensor for group in self.groups for tensor in _attention_parts(
-            group.layout, self._gather(group, q), self._gather(group, k),
-            group.gather(group.count * q.shape[1])))
+        heads = q.shape[1]
+        return tuple(tensor for group, q_slab, k_slab in zip(
+            self.groups, self._slabs(self.enter(q), heads), self._slabs(self.enter(k), heads),
+            strict=True) for tensor in _attention_parts(group.layout, q_slab, k_slab,
+                                           group.gather(group.count * heads)))
 
     def propagate(self, attention: tuple[torch.Tensor, ...], z: torch.Tensor) -> torch.Tensor:
-        heads, dim = z.shape[1], z.shape[2]
-        out = z.new_empty(self.num_tokens, heads, dim)
-        for index, group in enumerate(self.groups):
-            parts = attention[PARTS * index:PARTS * (index + 1)]
-            hop = _propagate_one(group.layout, parts, self._gather(group, z),
-                                 group.gather(group.count * heads))  # (count * H, n, D)
-            hop = hop.view(group.count, heads, group.layout.n, dim).permute(0, 2, 1, 3)
-            out = out.index_copy(0, group.rows, hop.reshape(-1, heads, dim))
-        return out
+        """One hop in the plan layout: ``z: (rows, D)`` from :meth:`enter`."""
+        heads = attention[1].shape[0] // self.groups[0].count  # global keys: (count * H, ...)
+        hops = [_propagate_one(group.layout, attention[PARTS * i:PARTS * (i + 1)], slab,
+                               group.gather(group.count * heads)).reshape(-1, z.shape[-1])
+                for i, (group, slab) in enumerate(zip(self.groups, self._slabs(z, heads),
+                                                      strict=True))]
+        return hops[0] if len(hops) == 1 else torch.cat(hops)
 
     def edge_attention(self, attention: tuple[torch.Tensor, ...]) -> torch.Tensor:
         raise ValueError("the block engine holds attention in blocks, not per edge; use the "

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import dgl
 import torch
 
+from .packed import PackedLayout
+
 
 def edge_attention(g: dgl.DGLGraph, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Row-stochastic edge attention ``A: (E, H)`` from ``q, k: (N, H, D)`` on graph ``g``."""
@@ -21,7 +23,7 @@ def edge_attention(g: dgl.DGLGraph, q: torch.Tensor, k: torch.Tensor) -> torch.T
 
 
 @dataclass(frozen=True)
-class DGLPlan:
+class DGLPlan(PackedLayout):
     """The batch's DGL graph on the device it runs on."""
 
     graph: dgl.DGLGraph

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import dgl
 import torch
 
+from .packed import PackedLayout
+
 
 @dataclass(frozen=True)
-class GatherPlan:
+class GatherPlan(PackedLayout):
     """The batch graph's edges as index tensors on the device."""
 
     src: torch.Tensor  # (E,) key of each edge

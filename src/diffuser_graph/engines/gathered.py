@@ -14,7 +14,7 @@ inputs.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,13 +35,12 @@ class GatherIndex:
     queries: torch.Tensor
     order: torch.Tensor
     offsets: torch.Tensor
-    # The real entries of one table as a CSR pattern (rows = queries, columns = keys; each row's
-    # keys ascending, as the layout stores them), for sampled matrix products, and where each
-    # CSR entry sits in the padded (n * R) layout.
-    crow: torch.Tensor  # (batch, n + 1)
-    col: torch.Tensor  # (batch, nnz)
-    slots: torch.Tensor  # (nnz,)
+    # Every entry of one table, padding included, as a CSR pattern of R entries per row (rows =
+    # queries, columns = keys, non-decreasing: a padding entry repeats its row's last key), so
+    # a sampled matrix product writes the padded (n, R) layout directly.
+    col: torch.Tensor  # (batch, n * R)
     shape: tuple[int, int, int]  # (batch, n, rows)
+    patterns: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, compare=False)
 
     @classmethod
     def build(cls, keys: torch.Tensor, mask: torch.Tensor, batch: int,
@@ -56,13 +55,24 @@ class GatherIndex:
         order = real[torch.argsort(flat[real], stable=True)]
         counts = torch.bincount(flat[order], minlength=batch * rows)
         offsets = torch.cumsum(counts, 0) - counts
-        slots = torch.nonzero(mask.reshape(-1)).flatten()
-        per_row = mask.sum(dim=1)
-        crow = torch.cat([per_row.new_zeros(1), torch.cumsum(per_row, 0)])
+        last = (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
+        filled = torch.where(mask, keys, keys.gather(1, last))
         return cls(index, torch.div(order, width, rounding_mode="floor"), order, offsets,
-                   crow.expand(batch, -1).contiguous(),
-                   keys.reshape(-1)[slots].expand(batch, -1).contiguous(), slots,
-                   (batch, n, rows))
+                   filled.reshape(1, -1).expand(batch, -1).contiguous(), (batch, n, rows))
+
+    def pattern(self, dtype: torch.dtype) -> torch.Tensor:
+        """The CSR pattern ``(batch, n, rows)`` with zero values (made once per dtype)."""
+        if dtype not in self.patterns:
+            batch, n, rows = self.shape
+            width = self.col.shape[1] // n
+            crow = torch.arange(0, n * width + 1, width, device=self.col.device)
+            with warnings.catch_warnings():  # torch calls its CSR support "beta" at every tensor
+                warnings.simplefilter("ignore", UserWarning)
+                self.patterns[dtype] = torch.sparse_csr_tensor(
+                    crow.expand(batch, -1).contiguous(), self.col,
+                    torch.zeros(self.col.shape, dtype=dtype, device=self.col.device),
+                    (batch, n, rows))
+        return self.patterns[dtype]
 
     def gather_sum(self, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """``sum_r weights[i, r] table[index[i, r]]``: ``(N, R), (M, D) -> (N, D)``."""
@@ -75,20 +85,16 @@ class GatherIndex:
                                per_sample_weights=weights.reshape(-1)[self.order])
 
     def gather_dot(self, queries: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """``queries[i] . table[index[i, r]]``: ``(N, D), (M, D) -> (N, R)`` (0 at padding), as a
-        sampled matrix product (SDDMM) over the real entries."""
+        """``queries[i] . table[index[i, r]]``: ``(N, D), (M, D) -> (N, R)`` as a sampled matrix
+        product (SDDMM); padding entries hold the score of their row's last key (callers mask
+        them)."""
         batch, n, rows = self.shape
         dim, width = queries.shape[1], self.index.shape[1]
-        with warnings.catch_warnings():  # torch calls its CSR support "beta" at every tensor
-            warnings.simplefilter("ignore", UserWarning)
-            pattern = torch.sparse_csr_tensor(self.crow, self.col,
-                                              queries.new_zeros(self.col.shape), (batch, n, rows))
-        values = torch.sparse.sampled_addmm(pattern, queries.view(batch, n, dim),
+        values = torch.sparse.sampled_addmm(self.pattern(queries.dtype),
+                                            queries.view(batch, n, dim),
                                             table.view(batch, rows, dim).transpose(1, 2),
                                             beta=0.0).values()
-        out = queries.new_zeros(batch, n * width)
-        out[:, self.slots] = values
-        return out.view(batch * n, width)
+        return values.view(batch * n, width)
 
 
 class GatherDot(torch.autograd.Function):

@@ -1,0 +1,59 @@
+"""The banded products against a dense reference, and their gradients."""
+import pytest
+import torch
+
+from diffuser_graph.engines.band import BandApply, BandGeometry, BandScores, band_apply_transposed
+
+GEOMETRIES = [BandGeometry(4, 4, 4), BandGeometry(4, 3, 0), BandGeometry(4, 6, 9),
+              BandGeometry(5, 0, 2)]
+
+
+def dense_band(geometry: BandGeometry, chunks: int) -> torch.Tensor:
+    """``(M * b, M * b)`` 0/1: which key rows each query row reaches, and at which band column."""
+    b, rows = geometry.block, chunks * geometry.block
+    column = torch.full((rows, rows), -1, dtype=torch.long)
+    for query in range(rows):
+        for w in range(geometry.width):
+            key = (query // b) * b - geometry.left + w
+            if 0 <= key < rows:
+                column[query, key] = w
+    return column
+
+
+def as_dense(geometry: BandGeometry, band: torch.Tensor) -> torch.Tensor:
+    """A band ``(M, b, width)`` as the dense ``(M b, M b)`` matrix it stands for."""
+    chunks = band.shape[0]
+    column = dense_band(geometry, chunks)
+    flat = band.reshape(chunks * geometry.block, geometry.width)
+    return torch.where(column >= 0, flat.gather(1, column.clamp(min=0)), 0.0)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_band_products_equal_dense_products(geometry):
+    gen = torch.Generator().manual_seed(0)
+    chunks, b, dim = 5, geometry.block, 3
+    q, k = (torch.randn(chunks, b, dim, dtype=torch.float64, generator=gen) for _ in range(2))
+    a = torch.randn(chunks, b, geometry.width, dtype=torch.float64, generator=gen)
+    column = dense_band(geometry, chunks)
+    scores = BandScores.apply(geometry, q, k).reshape(chunks * b, geometry.width)
+    dense_scores = q.reshape(-1, dim) @ k.reshape(-1, dim).T
+    reachable = column >= 0
+    rows, keys = torch.nonzero(reachable, as_tuple=True)
+    torch.testing.assert_close(scores[rows, column[rows, keys]], dense_scores[rows, keys])
+    dense_a = as_dense(geometry, a)
+    torch.testing.assert_close(BandApply.apply(geometry, a, k).reshape(-1, dim),
+                               dense_a @ k.reshape(-1, dim))
+    torch.testing.assert_close(band_apply_transposed(geometry, a, q).reshape(-1, dim),
+                               dense_a.T @ q.reshape(-1, dim))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_band_products_pass_gradcheck(geometry):
+    gen = torch.Generator().manual_seed(1)
+    chunks, b = 3, geometry.block
+    q, k = (torch.randn(chunks, b, 2, dtype=torch.float64, generator=gen, requires_grad=True)
+            for _ in range(2))
+    a = torch.randn(chunks, b, geometry.width, dtype=torch.float64, generator=gen,
+                    requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k: BandScores.apply(geometry, q, k), (q, k))
+    assert torch.autograd.gradcheck(lambda a, k: BandApply.apply(geometry, a, k), (a, k))
