@@ -97,6 +97,25 @@ def test_gradcheck(engine):
         lambda q, k, v: diffusion_attention(batch, q, k, v, hops=3, alpha=0.3), (q, k, v))
 
 
+@pytest.mark.parametrize("kernel", ["ppr", "heat"])
+@pytest.mark.parametrize("engine", CONCRETE)
+def test_gradcheck_with_hop_dropout_and_several_lengths(engine, kernel):
+    """Dropout masks drawn afresh after the same seed are the same, so the function is fixed."""
+    spec = PatternSpec(window=2, num_global=1, num_random=2)
+    batch = PackedBatch.from_lengths([9, 5, 9], spec, engine=engine)
+    q, k, v = qkv(23, heads=2, dim=3, requires_grad=True)
+
+    def dropped(q, k, v):
+        torch.manual_seed(0)
+        return diffusion_attention(batch, q, k, v, hops=3, alpha=0.3, kernel=kernel, t=1.5,
+                                   attn_dropout=0.2, hop_dropout=0.3, training=True)
+
+    assert not torch.allclose(dropped(q, k, v), diffusion_attention(batch, q, k, v, hops=3,
+                                                                     alpha=0.3, kernel=kernel,
+                                                                     t=1.5))
+    assert torch.autograd.gradcheck(dropped, (q, k, v))
+
+
 @pytest.mark.parametrize("engine", CONCRETE)
 def test_float32_and_dropout(engine):
     lengths, spec = [50, 9, 130], PatternSpec(window=8, num_global=2, num_random=3)

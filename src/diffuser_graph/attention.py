@@ -38,8 +38,7 @@ def _diffuse(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, diff
              return_attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     attention = plan.attention(q, k)
     dropped = tuple(F.dropout(part, attn_dropout, training) for part in attention)
-    out = diffusion.apply(
-        lambda z: F.dropout(plan.propagate(dropped, z), hop_dropout, training), plan.enter(v))
+    out = plan.diffuse(dropped, plan.enter(v), diffusion, hop_dropout if training else 0.0)
     return plan.leave(out, v.shape[1]), plan.edge_attention(attention) if return_attention else None
 
 

@@ -9,6 +9,9 @@ and the plan offers the same three operations, so diffusion is written once
 - ``enter(v)`` and ``leave(z, heads)``: packed ``(N, H, Dv)`` tokens into the layout the engine
   propagates in, and back (the identity for ``dgl`` and ``gather``), so K hops stay there;
 - ``propagate(attention, z)``: ``A z`` for ``z`` in that layout;
+- ``diffuse(attention, v, diffusion, hop_dropout)``: the K-hop series
+  (:meth:`diffuser_graph.diffusion.Diffusion.apply`) with dropout on every ``A z``; ``dgl`` and
+  ``gather`` leave its gradient to autograd, ``block`` computes it with the adjoint series;
 - ``edge_attention(attention)``: ``A`` as ``(E, H)`` in the batch graph's edge order (only
   where ``plan.edge_order`` is true).
 
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import torch
 
+from ..diffusion import Diffusion
 from ..patterns import PatternSpec
 from . import block
 
@@ -55,6 +59,9 @@ class Plan(Protocol):
     def leave(self, x: torch.Tensor, heads: int) -> torch.Tensor: ...
 
     def propagate(self, attention: tuple[torch.Tensor, ...], z: torch.Tensor) -> torch.Tensor: ...
+
+    def diffuse(self, attention: tuple[torch.Tensor, ...], v: torch.Tensor, diffusion: Diffusion,
+                hop_dropout: float) -> torch.Tensor: ...
 
     def edge_attention(self, attention: tuple[torch.Tensor, ...]) -> torch.Tensor: ...
 

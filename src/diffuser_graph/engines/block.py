@@ -22,14 +22,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..diffusion import Diffusion
 from ..graph import build_graph
 from ..patterns import PatternSpec
-from .band import BandApply, BandGeometry, BandScores
+from .band import BandApply, BandGeometry, BandScores, band_apply_transposed, band_scores
 from .gathered import GatherIndex, gather_dot, gather_sum
 
 
@@ -222,6 +224,37 @@ def _propagate_one(layout: BlockLayout, parts: Sequence[torch.Tensor], z: torch.
     return out.index_copy(1, glob, rows @ z)
 
 
+def _propagate_transposed(layout: BlockLayout, parts: Sequence[torch.Tensor], g: torch.Tensor,
+                          gather: GatherIndex) -> torch.Tensor:
+    """``A^T g`` for one group, ``g: (B, padded, Dv)`` (no autograd)."""
+    band_attn, global_attn, random_attn, rows = parts
+    batch, padded, dim = g.shape
+    glob = layout.globals
+    from_rows = rows.transpose(1, 2) @ g[:, glob]  # the global queries' rows replaced the rest
+    g = g.index_fill(1, glob, 0)
+    chunks = g.reshape(batch * layout.num_blocks, layout.geometry.block, dim)
+    out = band_apply_transposed(layout.geometry, band_attn, chunks).view(batch, padded, dim)
+    out += gather.scatter_sum(random_attn.reshape(batch * padded, -1),
+                              g.reshape(batch * padded, dim)).view(batch, padded, dim)
+    out.index_add_(1, glob, global_attn.transpose(1, 2) @ g)
+    return out.add_(from_rows)
+
+
+def _attention_grads(layout: BlockLayout, g: torch.Tensor, z: torch.Tensor,
+                     gather: GatherIndex) -> tuple[torch.Tensor, ...]:
+    """The gradient of each attention part of one group from ``g``, the gradients of ``A z``, and
+    ``z``, the inputs of ``A``: ``(B, padded, F)`` each, several hops stacked along ``F``."""
+    batch, padded, features = g.shape
+    glob = layout.globals
+    rows = g[:, glob] @ z.transpose(1, 2)  # (B, G, padded)
+    g = g.index_fill(1, glob, 0)
+    chunks = (batch * layout.num_blocks, layout.geometry.block, features)
+    band = band_scores(layout.geometry, g.reshape(chunks), z.reshape(chunks))
+    random = gather.gather_dot(g.reshape(batch * padded, features),
+                               z.reshape(batch * padded, features))
+    return band, g @ z[:, glob].transpose(1, 2), random.view(batch, padded, -1), rows
+
+
 PARTS = 4  # tensors of one group's attention: band, global keys, random keys, global rows
 
 
@@ -309,6 +342,85 @@ class BlockPlan:
                                                       strict=True))]
         return hops[0] if len(hops) == 1 else torch.cat(hops)
 
+    def diffuse(self, attention: tuple[torch.Tensor, ...], v: torch.Tensor, diffusion: Diffusion,
+                hop_dropout: float) -> torch.Tensor:
+        """The K-hop series with its gradient by the adjoint series (:class:`_Diffusion`)."""
+        return _Diffusion.apply(self, diffusion, hop_dropout, v, *attention)
+
+    def _per_group(self, attention: tuple[torch.Tensor, ...], heads: int,
+                   *tensors: torch.Tensor) -> list[tuple[Any, ...]]:
+        """Each group with its attention parts, its gather index and its slab of each tensor."""
+        slabs = [self._slabs(x, heads) for x in tensors]
+        return [(group, attention[PARTS * i:PARTS * (i + 1)], group.gather(group.count * heads),
+                 *(slab[i] for slab in slabs)) for i, group in enumerate(self.groups)]
+
+    def propagate_transposed(self, attention: tuple[torch.Tensor, ...],
+                             g: torch.Tensor) -> torch.Tensor:
+        """``A^T g`` in the plan layout (no autograd)."""
+        heads = attention[1].shape[0] // self.groups[0].count
+        out = [_propagate_transposed(group.layout, parts, slab, gather).reshape(-1, g.shape[-1])
+               for group, parts, gather, slab in self._per_group(attention, heads, g)]
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def attention_grads(self, attention: tuple[torch.Tensor, ...], g: torch.Tensor,
+                        z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The gradients of the attention parts from ``g`` (gradients of ``A z``) and ``z``, in
+        the plan layout with several hops stacked along the features."""
+        heads = attention[1].shape[0] // self.groups[0].count
+        return tuple(grad for group, _, gather, g_slab, z_slab in self._per_group(
+            attention, heads, g, z) for grad in _attention_grads(group.layout, g_slab, z_slab,
+                                                                 gather))
+
     def edge_attention(self, attention: tuple[torch.Tensor, ...]) -> torch.Tensor:
         raise ValueError("the block engine holds attention in blocks, not per edge; use the "
                          "dgl or gather engine for edge attention")
+
+
+class _Diffusion(torch.autograd.Function):
+    """``sum_k theta_k A^k v`` (Horner, dropout on every ``A z``) whose backward runs the adjoint
+    series: the gradient flows back through ``A^T`` hop by hop, and the gradient of ``A`` is
+    taken once for all hops, with the hops' inputs and gradients stacked along the features
+    (one band product, one sampled product instead of K)."""
+
+    @staticmethod
+    def forward(ctx: Any, plan: BlockPlan, diffusion: Diffusion, hop_dropout: float,
+                v: torch.Tensor, *attention: torch.Tensor) -> torch.Tensor:
+        inputs: list[torch.Tensor] = []
+        kept: list[torch.Tensor] = []
+
+        def hop(z: torch.Tensor) -> torch.Tensor:
+            inputs.append(z)
+            out = plan.propagate(attention, z)
+            if hop_dropout:
+                keep = torch.empty_like(out).bernoulli_(1 - hop_dropout).bool()
+                kept.append(keep)
+                out = out * keep / (1 - hop_dropout)
+            return out
+
+        out = diffusion.apply(hop, v)
+        ctx.plan, ctx.diffusion, ctx.hop_dropout = plan, diffusion, hop_dropout
+        ctx.counts = len(attention), len(inputs)
+        ctx.save_for_backward(*attention, *inputs, *kept)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        parts, hops = ctx.counts
+        saved = ctx.saved_tensors
+        attention, inputs, kept = saved[:parts], saved[parts:parts + hops], saved[parts + hops:]
+        theta = ctx.diffusion.coefficients
+        grad_v = grad * theta[0] if theta[0] else torch.zeros_like(grad)
+        hop_grads: list[torch.Tensor] = []
+        for index in reversed(range(hops)):  # hop `index` added theta[hops - 1 - index] * v
+            if index < hops - 1 and theta[hops - 1 - index]:
+                grad_v = grad_v + theta[hops - 1 - index] * grad
+            if kept:
+                grad = grad * kept[index] / (1 - ctx.hop_dropout)
+            hop_grads.append(grad)
+            grad = ctx.plan.propagate_transposed(attention, grad)
+        grad_v = grad_v + (theta[-1] * grad if theta[-1] != 1 else grad)
+        attention_grads = None
+        if any(ctx.needs_input_grad[4:]):
+            attention_grads = ctx.plan.attention_grads(
+                attention, torch.cat(hop_grads[::-1], dim=-1), torch.cat(inputs, dim=-1))
+        return (None, None, None, grad_v, *(attention_grads or (None,) * parts))

@@ -1,12 +1,22 @@
-"""The layout of engines that propagate packed tokens as they are."""
+"""Diffusion for engines that propagate packed tokens as they are, differentiated by autograd."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
+import torch.nn.functional as F
+
+from ..diffusion import Diffusion
 
 
-class PackedLayout:
-    """``enter`` and ``leave`` for a plan whose ``propagate`` takes packed ``z: (N, H, Dv)``."""
+class PackedLayout(ABC):
+    """``enter``, ``leave`` and ``diffuse`` for a plan whose ``propagate`` takes packed
+    ``z: (N, H, Dv)``."""
+
+    @abstractmethod
+    def propagate(self, attention: tuple[torch.Tensor, ...], z: torch.Tensor) -> torch.Tensor:
+        """``A z``."""
 
     @staticmethod
     def enter(x: torch.Tensor) -> torch.Tensor:
@@ -15,3 +25,9 @@ class PackedLayout:
     @staticmethod
     def leave(x: torch.Tensor, heads: int) -> torch.Tensor:
         return x
+
+    def diffuse(self, attention: tuple[torch.Tensor, ...], v: torch.Tensor, diffusion: Diffusion,
+                hop_dropout: float) -> torch.Tensor:
+        """``sum_k theta_k A^k v`` with dropout ``hop_dropout`` on every ``A z``."""
+        return diffusion.apply(
+            lambda z: F.dropout(self.propagate(attention, z), hop_dropout, hop_dropout > 0), v)
