@@ -38,6 +38,7 @@ def test_training_writes_the_run_folder(tmp_path):
     assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6, 8, 10, 12]
     assert 0 <= results["test"]["accuracy"] <= 1 and 0 < results["test"]["majority_rate"] < 1
     assert json.loads((out / "results.json").read_text()) == results
+    assert results["speed"]["timed_steps"] == 12 and results["speed"]["train_steps_per_s"] > 0
     best = load_checkpoint(out / "best.pt")
     assert best["step"] == results["best_step"]
 

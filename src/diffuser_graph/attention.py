@@ -22,7 +22,7 @@ from torch import nn
 
 from .batch import PackedBatch, Padding, as_batch
 from .checks import as_int, check_probability, check_qkv
-from .diffusion import Diffusion, resolve_diffusion
+from .diffusion import LEARNED, Diffusion, resolve_diffusion
 from .engines import Plan
 from .engines.dgl import edge_attention
 from .patterns import PatternSpec
@@ -34,12 +34,21 @@ __all__ = ["diffusion_attention", "full_attention", "edge_attention", "DiffuserA
 
 
 def _diffuse(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, diffusion: Diffusion,
-             attn_dropout: float, hop_dropout: float, training: bool,
-             return_attention: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+             attn_dropout: float, hop_dropout: float, training: bool, return_attention: bool,
+             hop_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     attention = plan.attention(q, k)
     dropped = tuple(F.dropout(part, attn_dropout, training) for part in attention)
-    out = plan.diffuse(dropped, plan.enter(v), diffusion, hop_dropout if training else 0.0)
-    return plan.leave(out, v.shape[1]), plan.edge_attention(attention) if return_attention else None
+    hop_dropout = hop_dropout if training else 0.0
+    heads = v.shape[1]
+    if hop_weights is None:
+        out = plan.leave(plan.diffuse(dropped, plan.enter(v), diffusion, hop_dropout), heads)
+    else:  # per-head weights: keep every power A^j v and mix them head by head
+        power = plan.enter(v)
+        out = hop_weights[:, 0, None] * v
+        for j in range(1, diffusion.hops + 1):
+            power = F.dropout(plan.propagate(dropped, power), hop_dropout, hop_dropout > 0)
+            out = out + hop_weights[:, j, None] * plan.leave(power, heads)
+    return out, plan.edge_attention(attention) if return_attention else None
 
 
 def diffusion_attention(
@@ -58,6 +67,7 @@ def diffusion_attention(
     training: bool = False,
     return_attention: bool = False,
     engine: str | None = None,
+    hop_weights: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Multi-hop diffused attention on a :class:`PackedBatch` or any (batched) DGL graph.
 
@@ -76,6 +86,8 @@ def diffusion_attention(
             graph's edge order.
         engine: run on this engine instead of the batch's (``"auto"``, ``"dgl"``, ``"block"``,
             ``"gather"``); a bare graph defaults to ``auto`` (DGL on the CPU).
+        hop_weights: ``(H, K + 1)`` weights ``theta_k`` per head instead of the kernel's (the
+            ``"learned"`` kernel's; differentiable): ``sum_k theta[h, k] A^k v`` per head.
 
     NaN or infinite inputs are not checked: they reach every token within ``hops`` of them.
 
@@ -88,14 +100,22 @@ def diffusion_attention(
     attn_dropout = check_probability("attn_dropout", attn_dropout)
     hop_dropout = check_probability("hop_dropout", hop_dropout)
     plan = batch.edge_plan if return_attention else batch.plan
+    if hop_weights is not None:
+        expected = (v.shape[1], diffusion.hops + 1)
+        if (not isinstance(hop_weights, torch.Tensor) or tuple(hop_weights.shape) != expected
+                or not hop_weights.is_floating_point() or hop_weights.device != v.device):
+            raise ValueError(f"hop_weights must be a float tensor of shape (H, K + 1) = "
+                             f"{expected} on {v.device}, got "
+                             f"{getattr(hop_weights, 'shape', type(hop_weights).__name__)}")
     if q.dtype in LOW_PRECISION:  # softmax and K hops of sums need float32's range and accuracy
         with torch.autocast(q.device.type, enabled=False):
             out, attn = _diffuse(plan, q.float(), k.float(), v.float(), diffusion, attn_dropout,
-                                 hop_dropout, training, return_attention)
+                                 hop_dropout, training, return_attention,
+                                 None if hop_weights is None else hop_weights.float())
         out = out.to(q.dtype)
     else:
         out, attn = _diffuse(plan, q, k, v, diffusion, attn_dropout, hop_dropout, training,
-                             return_attention)
+                             return_attention, hop_weights)
     if return_attention:
         assert attn is not None
         return out, attn
@@ -186,6 +206,13 @@ class DiffuserAttention(nn.Module):
         self.hop_dropout = check_probability("hop_dropout", hop_dropout)
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = hidden_size // num_heads
+        self.hop_logits = None
+        if attention == "diffuser" and self.diffusion.kernel == LEARNED:
+            # Weights softmax(logits + log start): zero logits give the starting (PPR) weights
+            # exactly, whatever dtype the layer is later cast to.
+            start = torch.tensor(self.diffusion.coefficients, dtype=torch.float64)
+            self.register_buffer("hop_prior", start.clamp(min=1e-30).log(), persistent=False)
+            self.hop_logits = nn.Parameter(torch.zeros(num_heads, self.diffusion.hops + 1))
         self.query = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.key = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.value = nn.Linear(hidden_size, hidden_size, bias=bias)
@@ -219,12 +246,18 @@ class DiffuserAttention(nn.Module):
             result = diffusion_attention(
                 batch, q, k, v, self.diffusion, attn_dropout=self.attn_dropout,
                 hop_dropout=self.hop_dropout, training=self.training,
-                return_attention=return_attention)
+                return_attention=return_attention, hop_weights=self.hop_weights())
             out, attn = result if isinstance(result, tuple) else (result, None)
         out = self.output(out.reshape(x.shape[0], self.hidden_size))
         if padded:
             out = batch.unpack(out)
         return (out, attn) if return_attention else out
+
+    def hop_weights(self) -> torch.Tensor | None:
+        """The learned kernel's ``(H, K + 1)`` hop weights (rows sum to 1); None for the others."""
+        if self.hop_logits is None:
+            return None
+        return torch.softmax(self.hop_logits + self.hop_prior, dim=-1).to(self.hop_logits.dtype)
 
     def extra_repr(self) -> str:
         d = self.diffusion

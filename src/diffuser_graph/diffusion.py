@@ -9,6 +9,10 @@ coefficient function in a registry, so a new kernel is one function and one
   ``(1-alpha)^K`` for ``k = K``, the K-step truncation of ``Z(k+1) = (1-alpha) A Z(k) + alpha V``.
 * ``"heat"``: ``theta_k`` proportional to ``e^{-t} t^k / k!`` for ``k = 0..K``, renormalised to
   sum to 1 (computed in log space, so any ``t`` and ``K`` work).
+* ``"learned"`` (beyond the paper, after GPR-GNN): every attention head learns its own
+  ``theta_0..theta_K`` (softmax of logits, :class:`~diffuser_graph.attention.DiffuserAttention`
+  holds them); its coefficients here are the starting point, PPR's of ``alpha``, so an untrained
+  layer computes PPR.
 
 :meth:`Diffusion.apply` evaluates ``sum_k theta_k A^k V`` with K applications of ``A`` by Horner's
 rule, ``Z = theta_K V``, ``Z <- A Z + theta_k V`` for ``k = K-1..0``. For PPR the Horner iterate
@@ -149,6 +153,8 @@ def heat_coefficients(diffusion: Diffusion) -> list[float]:
 
 register_kernel("ppr", ppr_coefficients)
 register_kernel("heat", heat_coefficients)
+register_kernel("learned", ppr_coefficients)
+LEARNED = "learned"  # the kernel whose coefficients each attention head learns
 
 
 def resolve_diffusion(diffusion: Diffusion | None = None, *, kernel: str | None = None,

@@ -28,6 +28,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm import tqdm
 
+from .attention import DiffuserAttention
 from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from .checks import Float, Int, UserPath
 from .config import ConfigError, dump_config
@@ -55,7 +57,7 @@ from .model import (
     load_pretrained,
 )
 from .tasks import IGNORE_INDEX, AnySplit, TaskConfig, TaskData, collate, load_task
-from .visualize import plot_curves
+from .visualize import plot_curves, plot_hop_weights
 
 MODELS: dict[str, type[PretrainedModel]] = {
     "classification": DiffuserForSequenceClassification, "matching": DiffuserForMatching,
@@ -529,8 +531,10 @@ def _train(config: RunConfig, run: Runtime, folder: RunFolder, resume: bool,
     # -- the loop: accumulate micro-batches, step, log, evaluate, checkpoint; stop when asked
     bar = tqdm(range(start_step + 1, end + 1), desc="train", initial=start_step, total=end,
                disable=not progress or run.rank != 0)
+    train_seconds, timed_steps = 0.0, 0  # optimisation steps only, evaluation excluded
     with StopRequests() as stop:
         for step in bar:
+            started = time.perf_counter()
             for micro in range(settings.grad_accum):
                 draw = (step - 1) * settings.grad_accum + micro
                 indices = order.indices(draw)
@@ -547,6 +551,8 @@ def _train(config: RunConfig, run: Runtime, folder: RunFolder, resume: bool,
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            train_seconds += time.perf_counter() - started
+            timed_steps += 1
 
             finished = step == settings.max_steps
             if run.rank == 0 and (step % settings.log_every == 0 or finished):
@@ -578,21 +584,40 @@ def _train(config: RunConfig, run: Runtime, folder: RunFolder, resume: bool,
                 stopped: dict = {"stopped_at": step}
                 return {**stopped, "signal": stop.received} if stop.received else stopped
     bar.close()
-    return finish(config, data, run)
+    speed = {"train_steps_per_s": timed_steps / train_seconds if train_seconds else None,
+             "timed_steps": timed_steps}
+    return finish(config, data, run, speed)
 
 
-def finish(config: RunConfig, data: TaskData, run: Runtime) -> dict:
-    """Evaluate the best checkpoint on val and test; write and print ``results.json``."""
+def finish(config: RunConfig, data: TaskData, run: Runtime, speed: dict | None = None) -> dict:
+    """Evaluate the best checkpoint on val and test; write and print ``results.json`` (with
+    ``speed``: optimisation steps per second over the steps this process ran, if given)."""
     results: dict = {}
     if run.rank == 0:
         folder = RunFolder(config.out_dir)
         state = load_checkpoint(folder.best)
         model = model_from_checkpoint(state, MODELS[data.head], run.device)
         results = {"best_step": int(state["step"]), **split_results(model, data, config)}
+        if speed is not None:
+            results["speed"] = speed
+        _write_hop_weights(folder, model)
         atomic_write_text(folder.results, json.dumps(results, indent=1))
         print(results_table(results))
     run.barrier()
     return results
+
+
+def _write_hop_weights(folder: RunFolder, model: torch.nn.Module) -> None:
+    """For the learned kernel: ``hop_weights.json`` (per layer, per head) and its plot."""
+    layers = [module for module in model.modules() if isinstance(module, DiffuserAttention)]
+    weights = [w.detach().cpu().double().numpy() for w in (layer.hop_weights() for layer in layers)
+               if w is not None]
+    if not weights:
+        return
+    start = list(layers[0].diffusion.coefficients)
+    atomic_write_text(folder.path / "hop_weights.json", json.dumps(
+        {"start": start, "layers": [w.tolist() for w in weights]}, indent=1))
+    atomic_save_figure(folder.path / "hop_weights.png", plot_hop_weights(weights, start), dpi=100)
 
 
 def split_results(model: torch.nn.Module, data: TaskData, config: RunConfig) -> dict:

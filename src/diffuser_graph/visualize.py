@@ -10,6 +10,7 @@ drawings are query-major (row = query, column = key); large patterns are drawn a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import dgl
 import numpy as np
@@ -129,6 +130,26 @@ def plot_curves(records: list[dict]) -> Figure:
         ax.set_title(key.capitalize())
         ax.grid(True, alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_hop_weights(weights: Sequence[np.ndarray], start: Sequence[float]) -> Figure:
+    """The learned kernel's hop weights: one panel per layer, one line per head (``weights[l]:
+    (H, K + 1)``), and the starting weights ``start`` (PPR) dashed."""
+    fig = Figure(figsize=(3.6 * len(weights), 3.4))
+    axes = np.atleast_1d(fig.subplots(1, len(weights), sharey=True))
+    hops = np.arange(len(start))
+    for layer, (ax, per_head) in enumerate(zip(axes, weights, strict=True)):
+        for head, row in enumerate(per_head):
+            ax.plot(hops, row, marker="o", label=f"head {head}")
+        ax.plot(hops, start, "k--", label="start (PPR)")
+        ax.set_xlabel("hop k")
+        ax.set_title(f"layer {layer}")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("weight θ_k")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle("Learned diffusion weights per head")
     fig.tight_layout()
     return fig
 
