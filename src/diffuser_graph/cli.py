@@ -1,5 +1,5 @@
-"""Command line: ``diffuser-graph train | eval | examples | sample | convert | export | spectral |
-pattern``.
+"""Command line: ``diffuser-graph train | eval | study | examples | sample | convert | export |
+spectral | pattern``.
 
 Every failure is one line on stderr that starts with ``error:`` and names the file, line, key or
 argument at fault, with exit status 2; ``--debug`` shows the traceback instead. Dotted overrides
@@ -26,6 +26,14 @@ TRAIN_EXAMPLES = """examples:
   diffuser-graph train configs/listops-small.yaml model.hops=3 train.lr=3e-4
   diffuser-graph train configs/listops-small.yaml --resume          # continue runs/listops-small
   torchrun --nproc_per_node=2 -m diffuser_graph.cli train configs/listops-small.yaml
+"""
+
+STUDY_EXAMPLES = """examples:
+  diffuser-graph study configs/studies/attention.yaml --jobs 2
+  diffuser-graph study configs/studies/hops.yaml seeds=[0] --dry-run
+  diffuser-graph study configs/studies/attention.yaml out_dir=runs/studies/mine   # a second copy
+
+Run it again after an interruption: finished runs are kept, interrupted ones resume.
 """
 
 EVAL_EXAMPLES = """examples:
@@ -101,6 +109,21 @@ def _train(args: argparse.Namespace) -> int:
               f"--resume")
     else:
         print(f"run folder: {config.out_dir}")
+    return 0
+
+
+def _study(args: argparse.Namespace) -> int:
+    from .study import StudyConfig, expand, run_study, status
+
+    study = load_config(args.config, StudyConfig, args.overrides)
+    if args.dry_run:
+        for run in expand(study):
+            print(f"{status(run):6s} {run.out_dir}  ({run.config} {run.label}, seed {run.seed})")
+        return 0
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    run_study(study, jobs=args.jobs, threads=args.threads, progress=not args.quiet)
+    print(f"summary: {Path(study.out_dir) / 'summary.md'}")
     return 0
 
 
@@ -324,6 +347,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stop-after", type=int, default=None, metavar="STEPS",
                        help="stop with a checkpoint after this many steps (resume later)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    study = config_command(
+        "study", "run a grid of training runs over configs x overrides x seeds",
+        "Train every run of a study file (configs/studies/) in its own run folder, JOBS at a "
+        "time, skipping finished runs and resuming interrupted ones; write summary.md, "
+        "summary.csv and plots (mean ± std over seeds) into the study's out_dir. Overrides "
+        "set the study file's fields (seeds=[0,1], out_dir=...).",
+        STUDY_EXAMPLES, _study, "YAML study file, e.g. configs/studies/attention.yaml")
+    study.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    study.add_argument("--threads", type=int, default=None,
+                       help="CPU threads per run (default: the CPUs divided by --jobs)")
+    study.add_argument("--dry-run", action="store_true",
+                       help="list the runs and whether each is done, to resume or new")
+    study.add_argument("--quiet", action="store_true", help="no progress bar")
 
     evaluate = config_command(
         "eval", "evaluate a checkpoint on a config's task",

@@ -154,6 +154,48 @@ def plot_hop_weights(weights: Sequence[np.ndarray], start: Sequence[float]) -> F
     return fig
 
 
+def _metric_axis(ax, table: pd.DataFrame) -> None:
+    metric = table["metric"].iloc[0]
+    ax.set_ylabel(f"test {metric.replace('_', ' ')}" + (" (lower is better)"
+                                                        if metric.startswith("bits") else ""))
+    ax.grid(True, alpha=0.3)
+
+
+def plot_study_bars(table: pd.DataFrame, labels: Sequence[str], title: str) -> Figure:
+    """One bar per grid point of a study (mean over seeds, error bar: sample std, dots: seeds)."""
+    fig = Figure(figsize=(max(5.0, 1.1 * len(labels) + 2), 4.2))
+    ax = fig.add_subplot()
+    positions = np.arange(len(labels))
+    ax.bar(positions, table["mean"], yerr=table["std"].fillna(0), capsize=4, alpha=0.7)
+    for x, values in zip(positions, table["values"], strict=True):
+        ax.plot([x] * len(values), values, "k.", alpha=0.6)
+    ax.set_xticks(positions, labels, rotation=30, ha="right", fontsize=8)
+    _metric_axis(ax, table)
+    ax.set_title(f"{title}: mean ± std over seeds")
+    fig.tight_layout()
+    return fig
+
+
+def plot_study_curve(table: pd.DataFrame, key: str, others: Sequence[str], title: str) -> Figure:
+    """The metric against one numeric grid key, one line per combination of the other keys."""
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.add_subplot()
+    groups = table.groupby(list(others), sort=False) if others else [((), table)]
+    for name, part in groups:
+        part = part.sort_values(key)
+        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in
+                          zip(others, name if isinstance(name, tuple) else (name,), strict=True))
+        ax.errorbar(part[key], part["mean"], yerr=part["std"].fillna(0), marker="o", capsize=4,
+                    label=label or None)
+    ax.set_xlabel(key)
+    _metric_axis(ax, table)
+    ax.set_title(f"{title}: mean ± std over seeds")
+    if others:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 # --- spectra (the spectral command and notebook 02) ---------------------------------------------
 
 def plot_gap_vs_length(frame: pd.DataFrame) -> Figure:
