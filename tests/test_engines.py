@@ -17,6 +17,7 @@ from diffuser_graph import (
     diffusion_attention,
 )
 from diffuser_graph.engines import block
+from diffuser_graph.reference import dense_attention_matrix
 
 PATTERNS = {
     "window": ([48, 20], PatternSpec(window=3)),
@@ -239,3 +240,50 @@ def test_dgl_refuses_a_device_it_has_no_kernels_for():
 
     with pytest.raises(ValueError, match="runs on the CPU only"):
         DGLPlan.for_graph(build_graph(8, PatternSpec(window=1)), torch.device("cuda", 0))
+
+
+@pytest.mark.parametrize("engine", CONCRETE)
+def test_hop_dropout_after_the_mix_is_the_authors_recurrence(engine):
+    """Z <- dropout((1 - alpha) A Z + alpha V) per hop, written out with the same masks."""
+    spec = PatternSpec(window=2, num_global=1, num_random=1)
+    batch = PackedBatch.from_lengths([14], spec, engine=engine)
+    q, k, v = qkv(14, heads=2, dim=3, requires_grad=True)
+    kwargs = dict(hops=3, alpha=0.2, hop_dropout=0.4, training=True)
+    torch.manual_seed(5)
+    out = diffusion_attention(batch, q, k, v, hop_dropout_at="after_mix", **kwargs)
+    torch.manual_seed(5)
+    before = diffusion_attention(batch, q, k, v, **kwargs)
+    assert not torch.allclose(out, before)
+    # dropped after the mix, the output itself is dropped: about 40 % of it is exactly 0
+    assert 0.2 < float((out == 0).double().mean()) < 0.6
+    assert float((before == 0).double().mean()) < 0.05
+    g = build_graph(14, spec)
+    attn = dense_attention_matrix(dense_mask(g), q, k)  # (H, N, N)
+    torch.manual_seed(5)
+    values = v.transpose(0, 1)
+    z = 0.8**3 * values
+    for j in range(3):  # Horner iterate j is (1 - alpha)^(2 - j) times the paper's Z(j + 1)
+        z = (attn @ z) + (0.2 * 0.8 ** (2 - j)) * values
+        if engine == "block":  # its masks are drawn in its own layout: compare statistics only
+            continue
+        z = torch.nn.functional.dropout(z.transpose(0, 1), 0.4, True).transpose(0, 1)
+    if engine != "block":
+        torch.testing.assert_close(out, z.transpose(0, 1), rtol=0, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda q, k, v: _seeded_after_mix(batch, q, k, v, kwargs),
+                                    (q, k, v))
+
+
+def _seeded_after_mix(batch, q, k, v, kwargs):
+    torch.manual_seed(5)
+    return diffusion_attention(batch, q, k, v, hop_dropout_at="after_mix", **kwargs)
+
+
+def test_hop_dropout_places_are_checked():
+    batch = PackedBatch.from_lengths([8], PatternSpec(window=1))
+    q, k, v = qkv(8)
+    with pytest.raises(ValueError, match="hop_dropout_at must be one of"):
+        diffusion_attention(batch, q, k, v, hop_dropout_at="after")
+    with pytest.raises(ValueError, match="needs a fixed kernel"):
+        diffusion_attention(batch, q, k, v, hops=2, hop_weights=torch.ones(2, 3,
+                                                                          dtype=torch.float64),
+                            hop_dropout_at="after_mix")

@@ -1,6 +1,7 @@
 """Studies: the grid, resuming, the aggregate, the CLI; one real study of tiny runs (slow)."""
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,7 @@ def test_finished_runs_are_skipped_and_the_rest_resume(tmp_path):
     s = study(tmp_path)
     runs = expand(s)
     launch, launched = fake_launcher(lambda run: None if run.seed == 2 else 0.5)
-    with pytest.raises(RuntimeError, match="2 study runs failed"):  # the "killed" ones
+    with pytest.raises(RuntimeError, match="2 of 6 study runs did not finish: .*exit 1"):
         run_study(s, jobs=2, launcher=launch, progress=False)
     assert [status(run) for run in runs] == ["done", "done", "new"] * 2
     (runs[2].out_dir).mkdir(parents=True)
@@ -159,3 +160,39 @@ def test_a_real_study_trains_resumes_and_summarises(tmp_path):
     run_study(s, jobs=2, threads=1, progress=False)  # nothing left: nothing retrained
     assert {run.out_dir: (run.out_dir / "results.json").stat().st_mtime_ns
             for run in runs} == before
+
+
+@pytest.mark.slow
+def test_a_stopped_study_keeps_its_runs_and_finishes_them_next_time(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = json.loads(json.dumps(TINY))
+    data["train"].update(max_steps=400, eval_every=100, log_every=50)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(data))
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "s"), "configs": [str(config)],
+                                    "seeds": [0, 1], "grid": {"model.hops": [1, 2]}}))
+    command = [sys.executable, "-m", "diffuser_graph.cli", "study", str(path), "--quiet",
+               "--threads", "1"]
+    s = load_config(path, StudyConfig)
+    first = expand(s)[0]
+    study = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (first.out_dir / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)  # the first run has trained and checkpointed
+    study.send_signal(signal.SIGTERM)
+    out, err = study.communicate(timeout=120)
+    assert study.returncode == 0, err
+    assert re.search(r"study stopped on SIGTERM with [34] of 4 runs left", out), out
+    assert [status(run) for run in expand(s)][1:] == ["new"] * 3
+    assert status(first) in ("resume", "done")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert all(status(run) == "done" for run in expand(s))
+    steps = [json.loads(line)["step"] for line in (first.out_dir / "metrics.jsonl").open()
+             if json.loads(line)["split"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 400  # resumed, every step logged once

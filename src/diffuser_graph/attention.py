@@ -33,15 +33,31 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 __all__ = ["diffusion_attention", "full_attention", "edge_attention", "DiffuserAttention"]
 
 
+HOP_DROPOUT_PLACES = ("before_mix", "after_mix")
+
+
+def check_hop_dropout_at(place: str, learned: bool) -> bool:
+    """Whether hop dropout falls after the mix; refuses unknown places and ``after_mix`` with
+    learned hop weights (their series is a sum of powers ``A^j v``, with no mix to follow)."""
+    if place not in HOP_DROPOUT_PLACES:
+        raise ValueError(f"hop_dropout_at must be one of {HOP_DROPOUT_PLACES}, got {place!r}")
+    if learned and place == "after_mix":
+        raise ValueError("hop_dropout_at='after_mix' needs a fixed kernel: learned hop weights "
+                         "sum the powers A^j v, and hop dropout falls on each of them")
+    return place == "after_mix"
+
+
 def _diffuse(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, diffusion: Diffusion,
              attn_dropout: float, hop_dropout: float, training: bool, return_attention: bool,
-             hop_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             hop_weights: torch.Tensor | None,
+             after_mix: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     attention = plan.attention(q, k)
     dropped = tuple(F.dropout(part, attn_dropout, training) for part in attention)
     hop_dropout = hop_dropout if training else 0.0
     heads = v.shape[1]
     if hop_weights is None:
-        out = plan.leave(plan.diffuse(dropped, plan.enter(v), diffusion, hop_dropout), heads)
+        out = plan.leave(plan.diffuse(dropped, plan.enter(v), diffusion, hop_dropout, after_mix),
+                         heads)
     else:  # per-head weights: keep every power A^j v and mix them head by head
         power = plan.enter(v)
         out = hop_weights[:, 0, None] * v
@@ -68,6 +84,7 @@ def diffusion_attention(
     return_attention: bool = False,
     engine: str | None = None,
     hop_weights: torch.Tensor | None = None,
+    hop_dropout_at: str = "before_mix",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Multi-hop diffused attention on a :class:`PackedBatch` or any (batched) DGL graph.
 
@@ -82,6 +99,8 @@ def diffusion_attention(
             (PPR, alpha 0.1, K = 5).
         attn_dropout: dropout on the one-hop attention; hop_dropout: on ``A z`` at every hop
             (both only when ``training``).
+        hop_dropout_at: ``"before_mix"`` (on ``A z``, before ``theta_k v`` is added) or
+            ``"after_mix"`` (on the mixed iterate, as the authors' code does; fixed kernels).
         return_attention: also return the one-hop attention ``(E, H)`` (before dropout) in the
             graph's edge order.
         engine: run on this engine instead of the batch's (``"auto"``, ``"dgl"``, ``"block"``,
@@ -100,6 +119,7 @@ def diffusion_attention(
     attn_dropout = check_probability("attn_dropout", attn_dropout)
     hop_dropout = check_probability("hop_dropout", hop_dropout)
     plan = batch.edge_plan if return_attention else batch.plan
+    after_mix = check_hop_dropout_at(hop_dropout_at, hop_weights is not None)
     if hop_weights is not None:
         expected = (v.shape[1], diffusion.hops + 1)
         if (not isinstance(hop_weights, torch.Tensor) or tuple(hop_weights.shape) != expected
@@ -111,11 +131,11 @@ def diffusion_attention(
         with torch.autocast(q.device.type, enabled=False):
             out, attn = _diffuse(plan, q.float(), k.float(), v.float(), diffusion, attn_dropout,
                                  hop_dropout, training, return_attention,
-                                 None if hop_weights is None else hop_weights.float())
+                                 None if hop_weights is None else hop_weights.float(), after_mix)
         out = out.to(q.dtype)
     else:
         out, attn = _diffuse(plan, q, k, v, diffusion, attn_dropout, hop_dropout, training,
-                             return_attention, hop_weights)
+                             return_attention, hop_weights, after_mix)
     if return_attention:
         assert attn is not None
         return out, attn
@@ -185,6 +205,7 @@ class DiffuserAttention(nn.Module):
         t: float | None = None,
         attn_dropout: float = 0.0,
         hop_dropout: float = 0.0,
+        hop_dropout_at: str = "before_mix",
         bias: bool = True,
         attention: str = "diffuser",
         pattern: PatternSpec | None = None,
@@ -204,6 +225,8 @@ class DiffuserAttention(nn.Module):
         self.attention, self.pattern = attention, pattern
         self.attn_dropout = check_probability("attn_dropout", attn_dropout)
         self.hop_dropout = check_probability("hop_dropout", hop_dropout)
+        check_hop_dropout_at(hop_dropout_at, self.diffusion.kernel == LEARNED)
+        self.hop_dropout_at = hop_dropout_at
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = hidden_size // num_heads
         self.hop_logits = None
@@ -246,7 +269,8 @@ class DiffuserAttention(nn.Module):
             result = diffusion_attention(
                 batch, q, k, v, self.diffusion, attn_dropout=self.attn_dropout,
                 hop_dropout=self.hop_dropout, training=self.training,
-                return_attention=return_attention, hop_weights=self.hop_weights())
+                return_attention=return_attention, hop_weights=self.hop_weights(),
+                hop_dropout_at=self.hop_dropout_at)
             out, attn = result if isinstance(result, tuple) else (result, None)
         out = self.output(out.reshape(x.shape[0], self.hidden_size))
         if padded:

@@ -113,7 +113,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _study(args: argparse.Namespace) -> int:
-    from .study import StudyConfig, expand, run_study, status
+    from .study import StudyConfig, StudyStopped, expand, run_study, status
 
     study = load_config(args.config, StudyConfig, args.overrides)
     if args.dry_run:
@@ -122,7 +122,11 @@ def _study(args: argparse.Namespace) -> int:
         return 0
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-    run_study(study, jobs=args.jobs, threads=args.threads, progress=not args.quiet)
+    try:
+        run_study(study, jobs=args.jobs, threads=args.threads, progress=not args.quiet)
+    except StudyStopped as stopped:
+        print(f"{stopped}; summary so far: {Path(study.out_dir) / 'summary.md'}")
+        return 0
     print(f"summary: {Path(study.out_dir) / 'summary.md'}")
     return 0
 

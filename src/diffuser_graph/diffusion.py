@@ -111,11 +111,13 @@ class Diffusion(BaseModel):
         """``theta_0..theta_K`` of the operator ``sum_k theta_k A^k``."""
         return _coefficients(self)
 
-    def apply(self, propagate: Callable[[Z], Z], v: Z) -> Z:
+    def apply(self, propagate: Callable[[Z], Z], v: Z,
+              after_mix: Callable[[Z], Z] | None = None) -> Z:
         """``sum_k theta_k A^k v``, where ``propagate(z)`` applies ``A`` (K calls, Horner's rule).
 
         ``v`` is anything ``propagate`` takes that supports ``+`` and scalar ``*`` (a tensor of
-        any layout, a numpy array).
+        any layout, a numpy array). ``after_mix``, if given, is applied to every iterate after
+        ``theta_k v`` is added (where the authors' code drops out).
         """
         theta = self.coefficients
         z = v if theta[-1] == 1 else theta[-1] * v
@@ -123,6 +125,8 @@ class Diffusion(BaseModel):
             z = propagate(z)
             if weight:
                 z = z + weight * v
+            if after_mix is not None:
+                z = after_mix(z)
         return z
 
 

@@ -53,6 +53,9 @@ class DiffuserConfig(BaseModel):
     dropout: Float = Field(default=0.1, ge=0, lt=1)
     attn_dropout: Float = Field(default=0.1, ge=0, lt=1)
     hop_dropout: Float = Field(default=0.1, ge=0, lt=1)
+    # before_mix: on A z before theta_k V is added; after_mix: on the mixed iterate (the
+    # authors' code); learned hop weights need before_mix
+    hop_dropout_at: Literal["before_mix", "after_mix"] = "before_mix"
     layer_norm: Literal["pre", "post"] = "post"
     layer_norm_eps: Float = Field(default=1e-5, gt=0)
     activation: Literal["gelu", "gelu_tanh", "relu"] = "gelu"  # of the feed-forward blocks
@@ -80,6 +83,9 @@ class DiffuserConfig(BaseModel):
         if self.position_offset >= self.max_positions:
             raise ValueError(f"position_offset ({self.position_offset}) leaves no row of the "
                              f"{self.max_positions}-row position table")
+        if self.kernel == "learned" and self.hop_dropout_at == "after_mix":
+            raise ValueError("hop_dropout_at: after_mix needs a fixed kernel (ppr, heat); "
+                             "learned hop weights drop out each power A^j V (before_mix)")
         return self
 
     @property
@@ -128,6 +134,7 @@ class EncoderLayer(nn.Module):
         self.attention = DiffuserAttention(
             config.hidden_size, config.num_heads, diffusion=config.diffusion,
             attn_dropout=config.attn_dropout, hop_dropout=config.hop_dropout,
+            hop_dropout_at=config.hop_dropout_at,
             attention=config.attention, pattern=config.pattern)
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.ffn = nn.Sequential(nn.Linear(config.hidden_size, config.ffn_size),

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -134,18 +135,45 @@ def train_command(run: Run, threads: int) -> list[str]:
     return command + (["--resume"] if status(run) == "resume" else [])
 
 
+_RUNNING: set[subprocess.Popen] = set()  # the runs' processes, for passing on a stop request
+_RUNNING_LOCK = threading.Lock()
+
+
 def launch(run: Run, threads: int) -> int:
-    """Train one run in its own process; its output goes to ``train.log`` in the run folder."""
+    """Train one run in its own process (its own session: a stop request reaches it through the
+    study); its output goes to ``train.log`` in the run folder."""
     run.out_dir.mkdir(parents=True, exist_ok=True)
     with open(run.out_dir / "train.log", "ab") as log:
-        return subprocess.run(train_command(run, threads), stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        process = subprocess.Popen(train_command(run, threads), stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        with _RUNNING_LOCK:
+            _RUNNING.add(process)
+        try:
+            return process.wait()
+        finally:
+            with _RUNNING_LOCK:
+                _RUNNING.discard(process)
+
+
+def _stop_runs(number: int) -> None:
+    """Ask every running run to stop after its current step with a checkpoint (SIGTERM: a run
+    still preparing its data has nothing to save and ends at once)."""
+    with _RUNNING_LOCK:
+        for process in _RUNNING:
+            process.send_signal(signal.SIGTERM)
 
 
 def run_study(study: StudyConfig, jobs: int = 1, threads: int | None = None,
               progress: bool = True,
               launcher: Callable[[Run, int], int] = launch) -> pd.DataFrame:
-    """Run what is left of the grid, ``jobs`` runs at a time; returns the summary frame."""
+    """Run what is left of the grid, ``jobs`` runs at a time; returns the summary frame.
+
+    SIGINT or SIGTERM stops the study: running runs stop with a checkpoint, no new run starts,
+    and :class:`StudyStopped` says how many are left (run the study again to finish them).
+    """
+    from .train import StopRequests
+
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     runs = expand(study)
@@ -157,20 +185,32 @@ def run_study(study: StudyConfig, jobs: int = 1, threads: int | None = None,
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="study", disable=not progress)
 
     def one(run: Run) -> None:
+        if stop.received:
+            return
         code = launcher(run, threads)
         if code != 0:
             failed.append(f"{run.out_dir} (exit {code}; see its train.log)")
         with writing:
             write_summary(study, runs)
-            bar.update()
+            if status(run) == "done":
+                bar.update()
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    with StopRequests(forward=_stop_runs) as stop, ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(one, todo))
     bar.close()
     frame = write_summary(study, runs)
-    if failed:
-        raise RuntimeError(f"{len(failed)} study runs failed: " + "; ".join(failed))
+    left = sum(status(run) != "done" for run in runs)
+    if stop.received:
+        raise StudyStopped(f"study stopped on {stop.received} with {left} of {len(runs)} runs "
+                           f"left; run the same command again to finish them")
+    if left:
+        raise RuntimeError(f"{left} of {len(runs)} study runs did not finish"
+                           + (": " + "; ".join(failed) if failed else ""))
     return frame
+
+
+class StudyStopped(RuntimeError):
+    """The study was asked to stop; what finished is kept and the rest resumes next time."""
 
 
 # --- the aggregate ------------------------------------------------------------------------------

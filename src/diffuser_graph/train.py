@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -446,17 +446,21 @@ def _restore(folder: RunFolder, config: RunConfig, model: torch.nn.Module,
 
 class StopRequests:
     """SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) ask the loop to stop after the
-    current step, with a checkpoint; a second signal acts as usual."""
+    current step, with a checkpoint; a second signal acts as usual. ``forward`` is called with
+    the signal's number when one arrives (a study passes it on to its runs)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, forward: Callable[[int], None] | None = None) -> None:
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
+        self._forward = forward
 
     def _handle(self, number: int, frame: Any) -> None:
         self.received = signal.Signals(number).name
         signal.signal(number, self._previous[number])
+        if self._forward is not None:
+            self._forward(number)
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():  # signals go to the main thread

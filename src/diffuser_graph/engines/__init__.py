@@ -9,8 +9,9 @@ and the plan offers the same three operations, so diffusion is written once
 - ``enter(v)`` and ``leave(z, heads)``: packed ``(N, H, Dv)`` tokens into the layout the engine
   propagates in, and back (the identity for ``dgl`` and ``gather``), so K hops stay there;
 - ``propagate(attention, z)``: ``A z`` for ``z`` in that layout;
-- ``diffuse(attention, v, diffusion, hop_dropout)``: the K-hop series
-  (:meth:`diffuser_graph.diffusion.Diffusion.apply`) with dropout on every ``A z``; ``dgl`` and
+- ``diffuse(attention, v, diffusion, hop_dropout, after_mix)``: the K-hop series
+  (:meth:`diffuser_graph.diffusion.Diffusion.apply`) with dropout on every ``A z`` (or after
+  every mix with ``theta_k v``: the authors' placement); ``dgl`` and
   ``gather`` leave its gradient to autograd, ``block`` computes it with the adjoint series;
 - ``edge_attention(attention)``: ``A`` as ``(E, H)`` in the batch graph's edge order (only
   where ``plan.edge_order`` is true).
@@ -61,7 +62,7 @@ class Plan(Protocol):
     def propagate(self, attention: tuple[torch.Tensor, ...], z: torch.Tensor) -> torch.Tensor: ...
 
     def diffuse(self, attention: tuple[torch.Tensor, ...], v: torch.Tensor, diffusion: Diffusion,
-                hop_dropout: float) -> torch.Tensor: ...
+                hop_dropout: float, after_mix: bool = False) -> torch.Tensor: ...
 
     def edge_attention(self, attention: tuple[torch.Tensor, ...]) -> torch.Tensor: ...
 

@@ -343,9 +343,9 @@ class BlockPlan:
         return hops[0] if len(hops) == 1 else torch.cat(hops)
 
     def diffuse(self, attention: tuple[torch.Tensor, ...], v: torch.Tensor, diffusion: Diffusion,
-                hop_dropout: float) -> torch.Tensor:
+                hop_dropout: float, after_mix: bool = False) -> torch.Tensor:
         """The K-hop series with its gradient by the adjoint series (:class:`_Diffusion`)."""
-        return _Diffusion.apply(self, diffusion, hop_dropout, v, *attention)
+        return _Diffusion.apply(self, diffusion, (hop_dropout, after_mix), v, *attention)
 
     def _per_group(self, attention: tuple[torch.Tensor, ...], heads: int,
                    *tensors: torch.Tensor) -> list[tuple[Any, ...]]:
@@ -383,22 +383,25 @@ class _Diffusion(torch.autograd.Function):
     (one band product, one sampled product instead of K)."""
 
     @staticmethod
-    def forward(ctx: Any, plan: BlockPlan, diffusion: Diffusion, hop_dropout: float,
+    def forward(ctx: Any, plan: BlockPlan, diffusion: Diffusion, dropout: tuple[float, bool],
                 v: torch.Tensor, *attention: torch.Tensor) -> torch.Tensor:
+        hop_dropout, after_mix = dropout
         inputs: list[torch.Tensor] = []
         kept: list[torch.Tensor] = []
+
+        def drop(z: torch.Tensor) -> torch.Tensor:
+            keep = torch.empty_like(z).bernoulli_(1 - hop_dropout).bool()
+            kept.append(keep)
+            return z * keep / (1 - hop_dropout)
 
         def hop(z: torch.Tensor) -> torch.Tensor:
             inputs.append(z)
             out = plan.propagate(attention, z)
-            if hop_dropout:
-                keep = torch.empty_like(out).bernoulli_(1 - hop_dropout).bool()
-                kept.append(keep)
-                out = out * keep / (1 - hop_dropout)
-            return out
+            return drop(out) if hop_dropout and not after_mix else out
 
-        out = diffusion.apply(hop, v)
+        out = diffusion.apply(hop, v, drop if hop_dropout and after_mix else None)
         ctx.plan, ctx.diffusion, ctx.hop_dropout = plan, diffusion, hop_dropout
+        ctx.after_mix = after_mix
         ctx.counts = len(attention), len(inputs)
         ctx.save_for_backward(*attention, *inputs, *kept)
         return out
@@ -409,12 +412,14 @@ class _Diffusion(torch.autograd.Function):
         saved = ctx.saved_tensors
         attention, inputs, kept = saved[:parts], saved[parts:parts + hops], saved[parts + hops:]
         theta = ctx.diffusion.coefficients
-        grad_v = grad * theta[0] if theta[0] else torch.zeros_like(grad)
+        grad_v = torch.zeros_like(grad)
         hop_grads: list[torch.Tensor] = []
         for index in reversed(range(hops)):  # hop `index` added theta[hops - 1 - index] * v
-            if index < hops - 1 and theta[hops - 1 - index]:
+            if kept and ctx.after_mix:
+                grad = grad * kept[index] / (1 - ctx.hop_dropout)
+            if theta[hops - 1 - index]:
                 grad_v = grad_v + theta[hops - 1 - index] * grad
-            if kept:
+            if kept and not ctx.after_mix:
                 grad = grad * kept[index] / (1 - ctx.hop_dropout)
             hop_grads.append(grad)
             grad = ctx.plan.propagate_transposed(attention, grad)

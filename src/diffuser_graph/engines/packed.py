@@ -27,7 +27,12 @@ class PackedLayout(ABC):
         return x
 
     def diffuse(self, attention: tuple[torch.Tensor, ...], v: torch.Tensor, diffusion: Diffusion,
-                hop_dropout: float) -> torch.Tensor:
-        """``sum_k theta_k A^k v`` with dropout ``hop_dropout`` on every ``A z``."""
-        return diffusion.apply(
-            lambda z: F.dropout(self.propagate(attention, z), hop_dropout, hop_dropout > 0), v)
+                hop_dropout: float, after_mix: bool = False) -> torch.Tensor:
+        """``sum_k theta_k A^k v`` with dropout ``hop_dropout`` on every ``A z`` (or, with
+        ``after_mix``, on every iterate after ``theta_k v`` is added)."""
+        def drop(z: torch.Tensor) -> torch.Tensor:
+            return F.dropout(z, hop_dropout, hop_dropout > 0)
+
+        if after_mix:
+            return diffusion.apply(lambda z: self.propagate(attention, z), v, drop)
+        return diffusion.apply(lambda z: drop(self.propagate(attention, z)), v)
