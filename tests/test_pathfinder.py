@@ -3,6 +3,7 @@ import pydantic
 import pytest
 from scipy import ndimage
 
+from diffuser_graph.io import DataError
 from diffuser_graph.tasks import PathfinderTask, load_task, pathfinder
 from diffuser_graph.tasks.vocab import NUM_SPECIAL
 
@@ -83,3 +84,64 @@ def test_impossible_configs_are_refused():
     crowded = PathfinderTask(size=8, path_length=12, distractors=6)
     with pytest.raises(ValueError, match=r"cannot fit 8 separate paths .* 8x8 image"):
         pathfinder.make_example(crowded, 1, np.random.default_rng(0))
+
+
+def write_lra_pathfinder(folder, count=10, size=8):
+    """A small fixture in the layout of LRA's release: metadata/<n>.npy text lines naming
+    imgs/<n>/sample_<k>.png and the label."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for index in range(count):
+        part = index // 4  # four images per metadata file, as the release groups them
+        (folder / "imgs" / str(part)).mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (size, size)).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / "imgs" / str(part) / f"sample_{index}.png")
+        images.append(pixels)
+        labels.append(int(rng.integers(0, 2)))
+    (folder / "metadata").mkdir()
+    for part in range((count + 3) // 4):
+        lines = [f"imgs/{part} sample_{i}.png {i} {labels[i]} 6 0.9"
+                 for i in range(part * 4, min(count, part * 4 + 4))]
+        (folder / "metadata" / f"{part}.npy").write_text("\n".join(lines) + "\n")
+    return images, labels
+
+
+def test_lra_release_is_read_in_metadata_order_and_cut_80_10_10(tmp_path):
+    images, labels = write_lra_pathfinder(tmp_path / "pf", count=20)
+    (tmp_path / "pf" / "metadata" / "10.npy").write_text("")  # sorted by number, not by name
+    data = load_task(PathfinderTask(path=str(tmp_path / "pf"), size=8), seed=0)
+    assert (len(data.train), len(data.val), len(data.test)) == (16, 2, 2)
+    order = [*data.train.sequences, *data.val.sequences, *data.test.sequences]
+    assert all(np.array_equal(ids - NUM_SPECIAL, image.ravel()) for ids, image in
+               zip(order, images, strict=True))
+    assert [*data.train.labels, *data.val.labels, *data.test.labels] == labels
+    assert data.image_size == (8, 8)
+
+
+@pytest.mark.parametrize("problem,message", [
+    ("label", r"metadata/0.npy:2: expected '<folder> <file> <index> <label 0/1> \.\.\.'"),
+    ("missing", r"metadata/0.npy:1: cannot read .*sample_0.png"),
+    ("size", r"sample_0.png: is 8x8 pixels; task.size is 16"),
+    ("no metadata", r"metadata: folder does not exist"),
+])
+def test_lra_release_errors_name_the_file_and_line(tmp_path, problem, message):
+    folder = tmp_path / "pf"
+    write_lra_pathfinder(folder)
+    size = 8
+    if problem == "label":
+        meta = folder / "metadata" / "0.npy"
+        lines = meta.read_text().splitlines()
+        lines[1] = "imgs/0 sample_1.png 1 yes"
+        meta.write_text("\n".join(lines))
+    elif problem == "missing":
+        (folder / "imgs" / "0" / "sample_0.png").unlink()
+    elif problem == "size":
+        size = 16
+    else:
+        import shutil
+
+        shutil.rmtree(folder / "metadata")
+    with pytest.raises(DataError, match=message):
+        load_task(PathfinderTask(path=str(folder), size=size), seed=0)

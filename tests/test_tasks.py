@@ -197,10 +197,39 @@ def test_cifar_fixture_in_the_standard_format(tmp_path):
     assert data.image_size == (32, 32) and data.vocab_size == 258
     assert len(data.test) == 4 and len(data.train) + len(data.val) == 20 and len(data.val) == 5
     assert all(len(s) == 1024 for s in data.test.sequences)
-    # grey = 0.2989 R + 0.5870 G + 0.1140 B, rounded
-    rgb = np.zeros((1, 3072), dtype=np.uint8)
-    rgb[0, :1024], rgb[0, 1024:2048], rgb[0, 2048:] = 100, 200, 50
-    assert image.to_grey(rgb)[0, 0] == round(0.2989 * 100 + 0.587 * 200 + 0.114 * 50)
+    # LRA validates on the last images of the training batches, in file order
+    import pickle
+
+    last = [pickle.loads((tmp_path / "cifar" / name).read_bytes()) for name in
+            ("data_batch_4", "data_batch_5")]
+    expected = np.concatenate([last[0][b"data"][-1:], last[1][b"data"]])
+    assert [list(s) for s in data.val.sequences] == [
+        list(row + image.NUM_SPECIAL) for row in image.to_grey(expected)]
+    assert list(data.val.labels) == [last[0][b"labels"][-1], *last[1][b"labels"]]
+
+
+def tensorflow_grey(r, g, b):
+    """tf.image.rgb_to_grayscale on uint8 pixels, step by step in float32: convert_image_dtype
+    (x * (1/255)), the weighted sum, convert_image_dtype back (x * 255.5, saturating cast)."""
+    f32 = np.float32
+    channels = [f32(c) * f32(1.0 / 255) for c in (r, g, b)]
+    grey = (channels[0] * f32(0.2989) + channels[1] * f32(0.5870)) + channels[2] * f32(0.1140)
+    return int(min(max(grey * f32(255.5), 0), 255))  # int() truncates, as the cast does
+
+
+def test_grey_levels_are_tensorflows_arithmetic():
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (400, 3))
+    rgb = np.repeat(pixels.T.astype(np.uint8)[None], 1024, axis=2).reshape(1, 3, 400 * 1024)
+    rgb = rgb.reshape(3, 400, 1024).transpose(1, 0, 2).reshape(400, 3072)
+    grey = image.to_grey(rgb)[:, 0]
+    assert grey.tolist() == [tensorflow_grey(*p) for p in pixels]
+    assert image.to_grey(np.full((1, 3072), 255, np.uint8))[0, 0] == 255
+    green = np.zeros((1, 3072), np.uint8)
+    green[0, 1024:2048] = 255
+    assert image.to_grey(green)[0, 0] == 149  # 0.5870 * 255.5 = 149.98, truncated (rounding: 150)
+    rounded = np.round(pixels @ np.array([0.2989, 0.5870, 0.1140]))
+    assert 0.15 < np.mean(rounded != grey) < 0.35  # about a quarter differ from plain rounding
 
 
 @pytest.mark.parametrize("problem,message", [

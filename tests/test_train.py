@@ -132,7 +132,8 @@ def test_sequences_longer_than_max_positions_are_rejected(tmp_path):
 
 SHIPPED = [name + size for name in ("listops", "text", "image", "pathfinder", "retrieval",
                                       "lm", "multihop")
-           for size in ("", "-small")] + ["mlm-small", "mlm-roberta", "text-roberta"]
+           for size in ("", "-small")] + ["mlm-small", "mlm-roberta", "text-roberta", "text-1k"] + [
+    f"{name}-official" for name in ("listops", "text", "image", "pathfinder", "retrieval")]
 SMALL_DATA = {"listops": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
               "text": ["task.train_size=64", "task.val_size=16", "task.test_size=16"],
               "image": [],
@@ -149,6 +150,14 @@ def test_shipped_configs_are_valid(name):
     assert config.task.name in name
     assert sorted(p.stem for p in (REPO / "configs").glob("*.yaml")) == sorted(
         [*SHIPPED, "spectral"])  # a new config is added to this list, and so tested
+    if name.endswith("-official"):  # the authors' architecture, the rest as the full config
+        model = config.model
+        assert (model.pattern.kind, model.layer_norm, model.alpha, model.hops, model.kernel,
+                model.hop_dropout_at) == ("official", "post", 0.1, 5, "ppr", "after_mix")
+        assert model.dropout == model.attn_dropout == model.hop_dropout == 0.1
+        full = load_config(REPO / "configs" / f"{name.removesuffix('-official')}.yaml",
+                           RunConfig)
+        assert config.task == full.task and config.train == full.train
 
 
 @pytest.mark.slow

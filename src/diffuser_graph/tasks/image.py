@@ -7,8 +7,9 @@ directly (use ``pooling: mean``). Sources:
 - ``digits`` (the default): scikit-learn's bundled 8x8 handwritten digits (1,797 images, grey
   levels 0-16), split deterministically from the seed.
 - ``cifar10``: CIFAR-10's python pickle batches (``data_batch_1`` .. ``data_batch_5``,
-  ``test_batch``) from ``path``, converted to 32x32 grey levels 0-255 as in LRA; the validation
-  split is carved from the training batches.
+  ``test_batch``) from ``path``, converted to 32x32 grey levels 0-255 with LRA's arithmetic
+  (:func:`to_grey`); the validation split is the last ``val_fraction`` of the training images in
+  file order, as LRA's (its ``train[:90%]`` / ``train[90%:]``).
 """
 
 from __future__ import annotations
@@ -56,11 +57,21 @@ def image_size(task: ImageTask) -> tuple[int, int]:
     return (8, 8) if task.source == "digits" else (CIFAR_SIDE, CIFAR_SIDE)
 
 
+GREY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140], dtype=np.float32)  # tf.image.rgb_to_grayscale
+
+
 def to_grey(rgb_rows: np.ndarray) -> np.ndarray:
-    """CIFAR rows ``(N, 3072)`` (R plane, G plane, B plane) -> ``(N, 1024)`` grey levels 0-255."""
-    planes = rgb_rows.reshape(-1, 3, CIFAR_SIDE * CIFAR_SIDE).astype(np.float64)
-    grey = 0.2989 * planes[:, 0] + 0.5870 * planes[:, 1] + 0.1140 * planes[:, 2]
-    return np.clip(np.round(grey), 0, 255).astype(np.int64)
+    """CIFAR rows ``(N, 3072)`` (R plane, G plane, B plane) -> ``(N, 1024)`` grey levels 0-255.
+
+    TensorFlow's ``rgb_to_grayscale`` on uint8 images, as LRA runs it, in float32 throughout:
+    channels scaled by 1/255, the weighted sum, then back to uint8 by multiplying by 255.5 and
+    truncating (``convert_image_dtype``).
+    """
+    planes = rgb_rows.reshape(-1, 3, CIFAR_SIDE * CIFAR_SIDE).astype(np.float32)
+    scaled = planes * np.float32(1.0 / 255)
+    grey = (scaled[:, 0] * GREY_WEIGHTS[0] + scaled[:, 1] * GREY_WEIGHTS[1]
+            + scaled[:, 2] * GREY_WEIGHTS[2])
+    return np.clip(grey * np.float32(255.5), 0, 255).astype(np.uint8).astype(np.int64)
 
 
 def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +125,10 @@ def load(task: ImageTask, seed: int) -> TaskData:
         batches = [read_cifar_batch(folder / name) for name in CIFAR_TRAIN]
         pixels = np.concatenate([b[0] for b in batches])
         labels = np.concatenate([b[1] for b in batches])
-        splits = _split(pixels, labels, (task.val_fraction, 0.0), rng)
+        first_val = len(labels) - int(round(task.val_fraction * len(labels)))
+        splits = {name: Split([row + NUM_SPECIAL for row in pixels[part]], labels[part])
+                  for name, part in (("train", slice(0, first_val)),
+                                     ("val", slice(first_val, None)))}
         test_pixels, test_labels = read_cifar_batch(folder / CIFAR_TEST)
         splits["test"] = Split([row + NUM_SPECIAL for row in test_pixels], test_labels)
         levels = 256

@@ -1,4 +1,14 @@
-"""Pathfinder (LRA): are the two dots joined by one dashed path? Our own procedural generator.
+"""Pathfinder (LRA): are the two dots joined by one dashed path? A Pathfinder-style generator of
+our own, or LRA's released images.
+
+With ``path`` the task reads LRA's released files for one resolution and difficulty (for
+example ``lra_release/pathfinder32/curv_contour_length_14``): ``metadata/<n>.npy`` text files
+whose lines are ``<image folder> <file name> <index> <label> ...`` and the PNG images they name
+(``imgs/<n>/sample_<k>.png``). Examples are taken in the order of the metadata files (by number)
+and their lines and cut 80/10/10 into train / val / test. LRA cuts the same proportions of a
+TFDS dataset, whose order is its own, so the examples in each split differ from LRA's.
+Without ``path``, the generator below draws the images (its numbers are not LRA Pathfinder's:
+other paths, contrast, lengths and markers):
 
 Every image (``size`` x ``size`` grey levels, 0 background, 255 ink) holds two long dashed,
 smoothly curving paths of ``path_length`` pixels and ``distractors`` shorter ones. Two dots
@@ -15,13 +25,15 @@ order, as in the image task, for the 2-D ``grid`` pattern.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..checks import Float, Int
-from .base import Split, TaskData
+from ..checks import Float, Int, UserPath
+from ..io import read_text
+from .base import DataError, Split, TaskData, check_folder
 from .vocab import NUM_SPECIAL
 
 INK = 255
@@ -36,6 +48,7 @@ class PathfinderTask(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: Literal["pathfinder"] = "pathfinder"
+    path: UserPath | None = None  # LRA's released files (see above); None: generate
     size: Int = Field(default=32, ge=8)  # image side in pixels; sequences are size**2 tokens
     path_length: Int = Field(default=30, ge=4)  # pixels along each long path (difficulty)
     distractors: Int = Field(default=2, ge=0)  # extra paths without dots
@@ -49,7 +62,7 @@ class PathfinderTask(BaseModel):
 
     @model_validator(mode="after")
     def _fits(self) -> PathfinderTask:
-        if self.path_length > 2 * self.size:
+        if self.path is None and self.path_length > 2 * self.size:  # the generator's limit
             raise ValueError(f"path_length ({self.path_length}) must be at most 2 * size "
                              f"({2 * self.size}) so that paths fit in the image")
         return self
@@ -157,9 +170,56 @@ def to_image(ids: np.ndarray, size: int) -> np.ndarray:
     return (np.asarray(ids) - NUM_SPECIAL).reshape(size, size)
 
 
+LRA_SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
+
+
+def read_lra(folder: Path, size: int) -> dict[str, Split]:
+    """LRA's released Pathfinder files in ``folder`` (see the module docstring)."""
+    from PIL import Image, UnidentifiedImageError
+
+    metadata = check_folder(folder / "metadata")
+    files = sorted(metadata.glob("*.npy"), key=lambda f: (not f.stem.isdigit(),
+                                                          int(f.stem) if f.stem.isdigit() else 0,
+                                                          f.name))
+    if not files:
+        raise DataError(metadata, None, "holds no metadata files (<n>.npy)")
+    images, labels = [], []
+    for file in files:
+        for number, line in enumerate(read_text(file).splitlines(), start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) < 4 or fields[3] not in ("0", "1"):
+                raise DataError(file, number, "expected '<folder> <file> <index> <label 0/1>"
+                                              f" ...', got {line[:80]!r}")
+            image_path = folder / fields[0] / fields[1]
+            try:
+                with Image.open(image_path) as picture:
+                    pixels = np.asarray(picture.convert("L"), dtype=np.int64)
+            except (FileNotFoundError, UnidentifiedImageError) as err:
+                raise DataError(file, number, f"cannot read {image_path}: {err}") from None
+            if pixels.shape != (size, size):
+                raise DataError(image_path, None, f"is {pixels.shape[1]}x{pixels.shape[0]} "
+                                                  f"pixels; task.size is {size}")
+            images.append(pixels.ravel() + NUM_SPECIAL)
+            labels.append(int(fields[3]))
+    splits, start = {}, 0
+    for name, fraction in LRA_SPLITS:
+        stop = len(labels) if name == "test" else start + int(round(fraction * len(labels)))
+        splits[name] = Split(images[start:stop], np.asarray(labels[start:stop], dtype=np.int64))
+        start = stop
+    empty = [name for name, split in splits.items() if not len(split)]
+    if empty:
+        raise DataError(folder, None, f"{len(labels)} examples leave the {empty} split empty")
+    return splits
+
+
 def load(task: PathfinderTask, seed: int) -> TaskData:
-    rng = np.random.default_rng([seed, 0x9A7F])
-    splits = {name: generate(task, getattr(task, f"{name}_size"), rng)
-              for name in ("train", "val", "test")}
+    if task.path is not None:
+        splits = read_lra(Path(task.path), task.size)
+    else:
+        rng = np.random.default_rng([seed, 0x9A7F])
+        splits = {name: generate(task, getattr(task, f"{name}_size"), rng)
+                  for name in ("train", "val", "test")}
     return TaskData.from_splits(splits, vocab_size=256 + NUM_SPECIAL, num_labels=2,
                                 image_size=task.image_size)

@@ -46,7 +46,7 @@ class RetrievalTask(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["retrieval"] = "retrieval"
     path: UserPath | None = None
-    max_length: Int = Field(default=4000, ge=2)  # tokens per document incl. <cls>; truncates
+    max_length: Int = Field(default=4001, ge=2)  # per document incl. <cls> (LRA: 4,000 bytes)
     tokenizer: str = "bytes"  # or a folder holding a Hugging Face tokenizer
     num_topics: Int = Field(default=16, ge=2)
     topic_words: Int = Field(default=4, ge=1)

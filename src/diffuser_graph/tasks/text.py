@@ -37,7 +37,7 @@ class TextTask(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["text"] = "text"
     path: UserPath | None = None
-    max_length: Int = Field(default=4096, ge=2)  # tokens including <cls>; longer is truncated
+    max_length: Int = Field(default=4001, ge=2)  # tokens incl. <cls> (4,000 bytes); longer is cut
     tokenizer: str = "bytes"  # or a folder holding a Hugging Face tokenizer (e.g. RoBERTa's)
     num_labels: Int | None = Field(default=None, ge=2)  # None: 1 + the largest label seen
     synthetic_words: Int = Field(default=600, ge=10)  # document length of the generator
