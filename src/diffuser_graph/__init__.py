@@ -40,7 +40,7 @@ from .spectral import (  # noqa: E402
     spectral_stats,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "PatternSpec", "pattern_edges", "official_pattern",
