@@ -25,11 +25,12 @@ os.environ.setdefault("DGLBACKEND", "pytorch")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from diffuser_graph import Diffusion, PackedBatch, PatternSpec, build_graph, diffusion_attention  # noqa: E402
+from diffuser_graph import Diffusion, PackedBatch, build_graph, diffusion_attention  # noqa: E402
 from diffuser_graph.engines.block import supports  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
+    PATTERNS,
     machine,
     matmul_gflops,
     peak_memory,
@@ -38,10 +39,6 @@ from measure import (  # noqa: E402
     time_step,
 )
 
-PATTERNS = {
-    "window32+2g+3r": PatternSpec(window=32, num_global=2, num_random=3),
-    "official": PatternSpec(kind="official"),
-}
 IMPLEMENTATIONS = ("dense_sdpa", "dense_masked", "sparse_one_hop", "dgl", "gather", "block")
 ENGINES = ("dgl", "gather", "block")  # diffuser_graph engines, timed through diffusion_attention
 DENSE_MASKED_MAX = 8192  # its (H, N, N) matrices and their gradients outgrow 24 GiB beyond this

@@ -27,12 +27,12 @@ from diffuser_graph import (  # noqa: E402
     DiffuserAttention,
     Diffusion,
     PackedBatch,
-    PatternSpec,
     build_graph,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
+    PATTERNS,
     machine,
     peak_memory,
     reset_peak_memory,
@@ -40,10 +40,6 @@ from measure import (  # noqa: E402
     time_step,
 )
 
-PATTERNS = {
-    "window32+2g+3r": PatternSpec(window=32, num_global=2, num_random=3),
-    "official": PatternSpec(kind="official"),
-}
 PRESETS = {  # the settings of the speed issues' tables
     "peers": dict(hidden=256, heads=4, lengths=[2048, 4096, 8192, 16384], pattern="window32+2g+3r",
                   impls=["diffuser", "sparse", "bigbird", "longformer", "transformerconv", "sdpa"],

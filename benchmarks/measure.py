@@ -17,6 +17,14 @@ from collections.abc import Callable
 
 import torch
 
+from diffuser_graph import PatternSpec
+
+# The patterns the benchmarks time, by name.
+PATTERNS = {
+    "window32+2g+3r": PatternSpec(window=32, num_global=2, num_random=3),
+    "official": PatternSpec(kind="official"),
+}
+
 
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:

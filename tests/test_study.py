@@ -15,9 +15,12 @@ from runs import TINY
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def tiny_config(tmp_path) -> Path:
+def tiny_config(tmp_path, **train) -> Path:
+    """``TINY`` as a YAML file in ``tmp_path``, with ``train`` settings changed."""
+    data = json.loads(json.dumps(TINY))
+    data["train"].update(train)
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
+    path.write_text(yaml.safe_dump(data))
     return path
 
 
@@ -145,10 +148,7 @@ def test_cli_dry_run_lists_every_run(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_real_study_trains_resumes_and_summarises(tmp_path):
-    data = json.loads(json.dumps(TINY))
-    data["train"].update(max_steps=4, eval_every=2, log_every=2)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(data))
+    config = tiny_config(tmp_path, max_steps=4, eval_every=2, log_every=2)
     s = StudyConfig.model_validate({"out_dir": str(tmp_path / "study"), "configs": [str(config)],
                                     "seeds": [0, 1], "grid": {"model.attention":
                                                               ["diffuser", "sparse"]}})
@@ -169,10 +169,7 @@ def test_a_stopped_study_keeps_its_runs_and_finishes_them_next_time(tmp_path):
     import sys
     import time
 
-    data = json.loads(json.dumps(TINY))
-    data["train"].update(max_steps=400, eval_every=100, log_every=50)
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(data))
+    config = tiny_config(tmp_path, max_steps=400, eval_every=100, log_every=50)
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "s"), "configs": [str(config)],
                                     "seeds": [0, 1], "grid": {"model.hops": [1, 2]}}))

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..diffusion import Diffusion
 from ..graph import build_graph
 from ..patterns import PatternSpec
-from .band import BandApply, BandGeometry, BandScores, band_apply_transposed, band_scores
+from .band import BandGeometry, band_apply_transposed, band_scores, banded_apply, banded_scores
 from .gathered import GatherIndex, gather_dot, gather_sum
 
 
@@ -192,7 +192,7 @@ def _attention_parts(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor,
     shape = layout.geometry
     scale = 1.0 / math.sqrt(dim)
     chunks = (batch * layout.num_blocks, shape.block, dim)
-    band = BandScores.apply(shape, q.reshape(chunks), k.reshape(chunks)) * scale
+    band = banded_scores(shape, q.reshape(chunks), k.reshape(chunks)) * scale
     band = band.view(batch, layout.num_blocks, shape.block, shape.width)
     band = band.masked_fill(~layout.band_mask, -math.inf).view(batch, padded, shape.width)
     glob = layout.globals
@@ -219,7 +219,7 @@ def _propagate_one(layout: BlockLayout, parts: Sequence[torch.Tensor], z: torch.
     batch, padded, dim = z.shape
     glob = layout.globals
     chunks = z.reshape(batch * layout.num_blocks, layout.geometry.block, dim)
-    out = BandApply.apply(layout.geometry, band_attn, chunks).view(batch, padded, dim)
+    out = banded_apply(layout.geometry, band_attn, chunks).view(batch, padded, dim)
     out = out + global_attn @ z[:, glob] + gather_sum(random_attn, z, gather)
     return out.index_copy(1, glob, rows @ z)
 
