@@ -144,6 +144,8 @@ def test_cli_dry_run_lists_every_run(tmp_path, capsys):
     assert len(lines) == 2 and all(line.startswith("new ") for line in lines)
     assert lines[0].endswith("(%s model.hops=1, seed 4)" % (tmp_path / "tiny.yaml"))
     assert main(["study", str(path), "--jobs", "0"]) == 2
+    assert main(["study", str(path), "--threads", "0"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
