@@ -23,12 +23,12 @@ the inputs, and no zero-filled window-sized gradient is ever made.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 import torch
+
+from .products import Rules, product
 
 
 @dataclass(frozen=True)
@@ -104,44 +104,19 @@ def band_apply_transposed(geometry: BandGeometry, a: torch.Tensor,
     return out
 
 
-Product = Callable[[BandGeometry, torch.Tensor, torch.Tensor], torch.Tensor]
-# Each differentiable product and the two products that give its gradients, from
-# (geometry, grad, x, y) for the inputs x and y.
-_GRADIENTS: dict[str, tuple[Product, Callable[..., torch.Tensor], Callable[..., torch.Tensor]]] = {
-    "scores": (band_scores,  # S = q k^T on the band: dq = S' k, dk = S'^T q
-               lambda geometry, grad, q, k: band_apply(geometry, grad, k),
-               lambda geometry, grad, q, k: band_apply_transposed(geometry, grad, q)),
-    "apply": (band_apply,  # out = a z on the band: da = out' z^T, dz = a^T out'
-              lambda geometry, grad, a, z: band_scores(geometry, grad, z),
-              lambda geometry, grad, a, z: band_apply_transposed(geometry, a, grad)),
-}
-
-
-class _BandProduct(torch.autograd.Function):
-    """One band product whose backward saves only its two inputs."""
-
-    @staticmethod
-    def forward(ctx: Any, name: str, geometry: BandGeometry, x: torch.Tensor,
-                y: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, y)
-        ctx.name, ctx.geometry = name, geometry
-        return _GRADIENTS[name][0](geometry, x, y)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        x, y = ctx.saved_tensors
-        grad = grad.contiguous()
-        _, grad_x, grad_y = _GRADIENTS[ctx.name]
-        return (None, None,
-                grad_x(ctx.geometry, grad, x, y) if ctx.needs_input_grad[2] else None,
-                grad_y(ctx.geometry, grad, x, y) if ctx.needs_input_grad[3] else None)
+SCORES: Rules = (band_scores,  # S = q k^T on the band: dq = S' k, dk = S'^T q
+                 lambda geometry, grad, q, k: band_apply(geometry, grad, k),
+                 lambda geometry, grad, q, k: band_apply_transposed(geometry, grad, q))
+APPLY: Rules = (band_apply,  # out = a z on the band: da = out' z^T, dz = a^T out'
+                lambda geometry, grad, a, z: band_scores(geometry, grad, z),
+                lambda geometry, grad, a, z: band_apply_transposed(geometry, a, grad))
 
 
 def banded_scores(geometry: BandGeometry, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """:func:`band_scores` with its gradients."""
-    return _BandProduct.apply("scores", geometry, q, k)
+    return product(SCORES, geometry, q, k)
 
 
 def banded_apply(geometry: BandGeometry, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """:func:`band_apply` with its gradients."""
-    return _BandProduct.apply("apply", geometry, a, z)
+    return product(APPLY, geometry, a, z)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .products import Rules, product
 
 
 @dataclass(frozen=True)
@@ -97,51 +98,23 @@ class GatherIndex:
         return values.view(batch * n, width)
 
 
-class GatherDot(torch.autograd.Function):
-    """Scores ``s[i, r] = q[i] . k[index[i, r]]``; see :meth:`GatherIndex.gather_dot`."""
-
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, gather: GatherIndex) -> torch.Tensor:
-        ctx.save_for_backward(q, k)
-        ctx.gather = gather
-        return gather.gather_dot(q, k)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        q, k = ctx.saved_tensors
-        gather: GatherIndex = ctx.gather
-        grad_q = gather.gather_sum(grad, k) if ctx.needs_input_grad[0] else None
-        grad_k = gather.scatter_sum(grad, q) if ctx.needs_input_grad[1] else None
-        return grad_q, grad_k, None
-
-
-class GatherSum(torch.autograd.Function):
-    """Hops ``out[i] = sum_r a[i, r] z[index[i, r]]``; see :meth:`GatherIndex.gather_sum`."""
-
-    @staticmethod
-    def forward(ctx: Any, a: torch.Tensor, z: torch.Tensor, gather: GatherIndex) -> torch.Tensor:
-        ctx.save_for_backward(a, z)
-        ctx.gather = gather
-        return gather.gather_sum(a, z)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        a, z = ctx.saved_tensors
-        gather: GatherIndex = ctx.gather
-        grad_a = gather.gather_dot(grad, z) if ctx.needs_input_grad[0] else None
-        grad_z = gather.scatter_sum(a, grad) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_z, None
+DOT: Rules = (GatherIndex.gather_dot,  # s = q . k[index]: dq = s' k[index], dk = scatter s' q
+              lambda gather, grad, q, k: gather.gather_sum(grad, k),
+              lambda gather, grad, q, k: gather.scatter_sum(grad, q))
+SUM: Rules = (GatherIndex.gather_sum,  # out = a z[index]: da = out' . z[index], dz = a^T out'
+              lambda gather, grad, a, z: gather.gather_dot(grad, z),
+              lambda gather, grad, a, z: gather.scatter_sum(a, grad))
 
 
 def gather_dot(q: torch.Tensor, k: torch.Tensor, gather: GatherIndex) -> torch.Tensor:
     """Each query with its gathered keys: ``(B, n, D), (B, m, D) -> (B, n, R)``."""
     batch, n, dim = q.shape
-    scores = GatherDot.apply(q.reshape(batch * n, dim), k.reshape(-1, dim), gather)
+    scores = product(DOT, gather, q.reshape(batch * n, dim), k.reshape(-1, dim))
     return scores.view(batch, n, -1)
 
 
 def gather_sum(a: torch.Tensor, z: torch.Tensor, gather: GatherIndex) -> torch.Tensor:
     """Weighted sums of gathered rows: ``(B, n, R), (B, m, D) -> (B, n, D)``."""
     batch, n, width = a.shape
-    out = GatherSum.apply(a.reshape(batch * n, width), z.reshape(-1, z.shape[-1]), gather)
+    out = product(SUM, gather, a.reshape(batch * n, width), z.reshape(-1, z.shape[-1]))
     return out.view(batch, n, -1)
