@@ -33,10 +33,11 @@ def as_dense(geometry: BandGeometry, band: torch.Tensor) -> torch.Tensor:
     return torch.where(column >= 0, flat.gather(1, column.clamp(min=0)), 0.0)
 
 
+@pytest.mark.parametrize("chunks", [1, 2, 5])
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
-def test_band_products_equal_dense_products(geometry):
+def test_band_products_equal_dense_products(geometry, chunks):
     gen = torch.Generator().manual_seed(0)
-    chunks, b, dim = 5, geometry.block, 3
+    b, dim = geometry.block, 3
     q, k = (torch.randn(chunks, b, dim, dtype=torch.float64, generator=gen) for _ in range(2))
     a = torch.randn(chunks, b, geometry.width, dtype=torch.float64, generator=gen)
     column = dense_band(geometry, chunks)
@@ -45,6 +46,9 @@ def test_band_products_equal_dense_products(geometry):
     reachable = column >= 0
     rows, keys = torch.nonzero(reachable, as_tuple=True)
     torch.testing.assert_close(scores[rows, column[rows, keys]], dense_scores[rows, keys])
+    outside = torch.ones_like(scores, dtype=torch.bool)  # windows past either end of the stack
+    outside[rows, column[rows, keys]] = False
+    assert not scores[outside].any()
     dense_a = as_dense(geometry, a)
     torch.testing.assert_close(banded_apply(geometry, a, k).reshape(-1, dim),
                                dense_a @ k.reshape(-1, dim))

@@ -1,10 +1,11 @@
 """Banded products on blocks of rows, computed piece by piece without copying any window.
 
 Queries come in chunks of ``b`` rows; chunk ``c`` reaches keys ``[c b - left, (c + 1) b + right)``,
-``width = left + b + right`` of them, which are slices of the neighbouring chunks
-``c - p .. c + q``. With all chunks stacked as ``(M, b, D)`` (sequences and heads one after
-another), each neighbour is the same stack shifted by a few chunks, so every product is one
-batched matmul on views. Neighbours across a sequence's or head's edge are real rows of another
+``width = left + b + right`` of them. With all chunks stacked as ``(M, b, D)`` (sequences and
+heads one after another), those keys are ``width`` consecutive rows of the stack, so every
+chunk's window is a strided view of the stack (windows overlap; nothing is copied but the few
+windows that run past either end, which are padded with zero rows) and a product is one batched
+matmul over all chunks. Windows across a sequence's or head's edge hold real rows of another
 sequence: the band mask must give them weight 0 (scores there are finite, never read).
 
 Three products, each the others' gradient:
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 
 from .products import Rules, product
 
@@ -63,32 +65,42 @@ def _spans(count: int, offset: int) -> tuple[slice, slice]:
             slice(max(0, offset), count + min(0, offset)))
 
 
+def _windows(geometry: BandGeometry, x: torch.Tensor) -> list[tuple[slice, torch.Tensor]]:
+    """Each chunk's ``width`` key rows of ``x: (M, b, D)``, as ``(chunks, (count, width, D))``
+    pairs covering every chunk: a strided view of ``x`` for the chunks whose window lies inside
+    the stack, zero-padded copies for the few at either end."""
+    count, b, dim = x.shape
+    flat = x.reshape(count * b, dim)
+    first = min(count, math.ceil(geometry.left / b))  # windows that start before row 0
+    last = max(first, count - math.ceil(geometry.right / b))  # from here, end past the last
+    windows = []
+    if first < last:
+        start = first * b - geometry.left
+        windows.append((slice(first, last), flat[start:].as_strided(
+            (last - first, geometry.width, dim), (b * dim, dim, 1))))
+    for lo, hi in ((0, first), (last, count)):
+        if lo < hi:
+            top, bottom = lo * b - geometry.left, hi * b + geometry.right
+            rows = F.pad(flat[max(0, top):min(count * b, bottom)],
+                         (0, 0, max(0, -top), max(0, bottom - count * b)))
+            windows.append((slice(lo, hi), rows.as_strided((hi - lo, geometry.width, dim),
+                                                           (b * dim, dim, 1))))
+    return windows
+
+
 def band_scores(geometry: BandGeometry, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``q, k: (M, b, D) -> (M, b, width)``; 0 where the neighbouring chunk does not exist."""
-    count = q.shape[0]
-    out = q.new_empty(count, geometry.block, geometry.width)
-    for offset, lo, hi, first in geometry.pieces:
-        own, other = _spans(count, offset)
-        keys = k[other, first:first + hi - lo]
-        out[own, :, lo:hi] = torch.bmm(q[own], keys.transpose(1, 2))
-        if offset:
-            out[_outside(count, offset), :, lo:hi] = 0
+    """``q, k: (M, b, D) -> (M, b, width)``; 0 where the window runs past the stack."""
+    out = q.new_empty(q.shape[0], geometry.block, geometry.width)
+    for chunks, keys in _windows(geometry, k):
+        torch.bmm(q[chunks], keys.transpose(1, 2), out=out[chunks])
     return out
-
-
-def _outside(count: int, offset: int) -> slice:
-    """The chunks whose neighbour ``c + offset`` does not exist."""
-    return slice(0, min(count, -offset)) if offset < 0 else slice(max(0, count - offset), count)
 
 
 def band_apply(geometry: BandGeometry, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``a: (M, b, width), z: (M, b, D) -> (M, b, D)``."""
-    count = z.shape[0]
-    out = torch.bmm(a[:, :, geometry.left:geometry.left + geometry.block], z)
-    for offset, lo, hi, first in geometry.pieces:
-        if offset:
-            own, other = _spans(count, offset)
-            out[own].baddbmm_(a[own, :, lo:hi], z[other, first:first + hi - lo])
+    out = torch.empty_like(z, memory_format=torch.contiguous_format)
+    for chunks, rows in _windows(geometry, z):
+        torch.bmm(a[chunks], rows, out=out[chunks])
     return out
 
 
@@ -100,7 +112,11 @@ def band_apply_transposed(geometry: BandGeometry, a: torch.Tensor,
     for offset, lo, hi, first in geometry.pieces:
         if offset:
             own, other = _spans(count, offset)
-            out[other, first:first + hi - lo].baddbmm_(a[own, :, lo:hi].transpose(1, 2), g[own])
+            target = out[other, first:first + hi - lo]
+            if hi - lo == geometry.block:
+                target.baddbmm_(a[own, :, lo:hi].transpose(1, 2), g[own])
+            else:  # in place on part of each chunk, baddbmm_ would loop over the chunks
+                target += torch.bmm(a[own, :, lo:hi].transpose(1, 2), g[own])
     return out
 
 
