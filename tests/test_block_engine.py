@@ -68,11 +68,14 @@ def test_layout_holds_exactly_the_graphs_edges():
 
 
 def test_auto_prefers_block_only_where_it_measured_faster():
-    wide, medium, narrow = (PatternSpec(window=w) for w in (32, 8, 2))
+    wide, medium, narrow = (PatternSpec(window=w, causal=True) for w in (32, 8, 2))
     assert prefer_block(wide, [128] * 16) and prefer_block(wide, [4096])
     assert not prefer_block(wide, [60] * 32)
     assert prefer_block(medium, [256] * 8) and not prefer_block(medium, [128] * 16)
     assert not prefer_block(narrow, [4096])
+    both_sides = PatternSpec(window=4, num_random=2)
+    assert prefer_block(both_sides, [256] * 32) and not prefer_block(both_sides, [64] * 32)
+    assert not prefer_block(PatternSpec(window=2), [4096])
     assert prefer_block(PatternSpec(kind="official"), [1024])
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
@@ -43,17 +43,21 @@ def supports(spec: PatternSpec) -> bool:
 def prefer_block(spec: PatternSpec, lengths: Sequence[int]) -> bool:
     """What ``engine="auto"`` picks on the CPU: the block engine where it measured faster than DGL.
 
-    Measured on 2 CPU cores (forward+backward of a layer, K = 4-5): for windows (causal or not)
-    the block engine wins from 16 tokens of reach and 128 tokens per sequence (causal window 16,
-    16 x 256 tokens: 0.114 s against DGL's 0.147), and from 8 tokens of reach and 256 tokens;
-    for the official pattern from 256 tokens (at 2,048: 0.69 s against 1.38); on grids DGL wins
-    (16 x 16 pixels: 0.086 s against 0.158: a 3 x 3 neighbourhood fills a fifth of its band).
+    Measured on this project's CPU (forward+backward of a layer, K = 4-5, and training steps):
+    for windows to both sides the block engine wins from 4 tokens of reach and 128 tokens per
+    sequence (window 4 + 2 random, 32 x 256 tokens, one thread: 2.96 training steps/s of
+    multihop-small against DGL's 2.08); for causal windows from 16 tokens of reach and 128 tokens
+    (causal window 16, 16 x 256 tokens: 0.114 s against DGL's 0.147), and from 8 tokens of reach
+    and 256 tokens; for the official pattern from 256 tokens (at 2,048: 0.69 s against 1.38); on
+    grids neither wins clearly (a 3 x 3 neighbourhood fills a fifth of its band), and DGL stays.
     """
     if not supports(spec) or not len(lengths):
         return False
     mean_length = sum(lengths) / len(lengths)
     if spec.kind == "window":
         reach = spec.window * spec.dilation
+        if not spec.causal:
+            return reach >= 4 and mean_length >= 128
         return (reach >= 16 and mean_length >= 128) or (reach >= 8 and mean_length >= 256)
     return spec.kind == "official" and mean_length >= 256
 
@@ -91,6 +95,18 @@ class BlockLayout:
     @property
     def num_blocks(self) -> int:
         return self.band_mask.shape[0]
+
+    @cached_property
+    def biases(self) -> tuple[torch.Tensor | None, ...]:
+        """The masks as additive float32 biases (0 on an edge, -inf off it), in the order band,
+        global keys, random keys, global rows: adding one costs a tenth of a broadcast
+        ``masked_fill``, and its gradient is the identity."""
+        def bias(mask: torch.Tensor | None) -> torch.Tensor | None:
+            return None if mask is None else torch.zeros(mask.shape, device=mask.device
+                                                         ).masked_fill_(~mask, -math.inf)
+
+        return tuple(bias(mask) for mask in (self.band_mask, self.global_keys, self.random_mask,
+                                             self.global_rows))
 
     @property
     def padded(self) -> int:
@@ -190,23 +206,23 @@ def _attention_parts(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor,
     """
     batch, padded, dim = q.shape
     shape = layout.geometry
-    scale = 1.0 / math.sqrt(dim)
+    band_bias, global_keys_bias, random_bias, global_rows_bias = layout.biases
+    q = q * (1.0 / math.sqrt(dim))  # scaled once here rather than every score
     chunks = (batch * layout.num_blocks, shape.block, dim)
-    band = banded_scores(shape, q.reshape(chunks), k.reshape(chunks)) * scale
-    band = band.view(batch, layout.num_blocks, shape.block, shape.width)
-    band = band.masked_fill(~layout.band_mask, -math.inf).view(batch, padded, shape.width)
+    band = banded_scores(shape, q.reshape(chunks), k.reshape(chunks))
+    band = (band.view(batch, layout.num_blocks, shape.block, shape.width) + band_bias
+            ).view(batch, padded, shape.width)
     glob = layout.globals
-    to_globals = (q @ k[:, glob].transpose(-1, -2)) * scale  # (B, padded, G)
-    if layout.global_keys is not None:
-        to_globals = to_globals.masked_fill(~layout.global_keys, -math.inf)
-    random = gather_dot(q, k, gather) * scale  # (B, padded, R)
-    random = random.masked_fill(~layout.random_mask, -math.inf)
+    to_globals = q @ k[:, glob].transpose(-1, -2)  # (B, padded, G)
+    if global_keys_bias is not None:
+        to_globals = to_globals + global_keys_bias
+    random = gather_dot(q, k, gather) + random_bias  # (B, padded, R)
     joint = torch.softmax(torch.cat([band, to_globals, random], dim=-1), dim=-1)
     sizes = [shape.width, to_globals.shape[-1], random.shape[-1]]
     band_attn, global_attn, random_attn = torch.split(joint, sizes, dim=-1)
-    rows = (q[:, glob] @ k.transpose(-1, -2)) * scale  # (B, G, padded)
-    if layout.global_rows is not None:
-        rows = rows.masked_fill(~layout.global_rows, -math.inf)
+    rows = q[:, glob] @ k.transpose(-1, -2)  # (B, G, padded)
+    if global_rows_bias is not None:
+        rows = rows + global_rows_bias
     band_attn = band_attn.reshape(batch * layout.num_blocks, shape.block, shape.width)
     # Each hop reads the random weights as (B * padded, R) rows: make them contiguous once.
     return band_attn, global_attn, random_attn.contiguous(), torch.softmax(rows, dim=-1)
