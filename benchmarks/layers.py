@@ -5,8 +5,9 @@
 
 Every layer maps hidden states ``(n, hidden)`` to ``(n, hidden)`` through q/k/v and output
 projections; forward and forward+backward (gradients of the input and of every weight) are timed
-in a fresh subprocess per case, with its peak memory (see ``measure.py``). The peers need the
-``bench`` extra (``pip install -e '.[bench]'``); a peer that is not installed is reported as such.
+in a fresh subprocess per case, with its peak memory above what one warm-up forward left
+(see ``measure.py``). The peers need the ``bench`` extra (``pip install -e '.[bench]'``); a peer
+that is not installed is reported as such.
 Each row states the keys a query attends to on average and the hops one layer covers, so that
 patterns and work can be compared, not only seconds. Writes ``layers.json`` and ``layers.md``.
 """
@@ -143,6 +144,8 @@ def run_case(case: dict) -> dict:
     device = torch.device(case["device"])
     layer, forward, info = LAYERS[case["impl"]](case, device)
     x = torch.randn(case["n"], case["hidden"], device=device, requires_grad=True)
+    with torch.no_grad():  # what a layer builds once per length (a pattern's layout) is not a step
+        forward(x)
     baseline = reset_peak_memory(device)
 
     def forward_only():
