@@ -46,26 +46,32 @@ PRESETS = {  # the settings of the speed issues' tables
                   impls=["diffuser", "sparse", "bigbird", "longformer", "transformerconv", "sdpa"],
                   block_size=32),
     "official": dict(hidden=768, heads=12, lengths=[4096], pattern="official",
-                     impls=["diffuser", "diffuser_dgl", "sdpa", "bigbird"], block_size=64),
+                     impls=["diffuser", "diffuser_recompute", "diffuser_dgl", "sdpa", "bigbird"],
+                     block_size=64),
 }
 BIGBIRD_RANDOM_BLOCKS = 3  # HF BigBird's default
+RECOMPUTE_HEADS = 1  # diffuser_recompute: heads computed at a time, recomputed in backward
 LONGFORMER_GLOBALS = 2
 
 
 def diffuser_layer(case: dict, device: torch.device):
-    """Diffuser (K hops, ``auto`` or a named engine), one-hop sparse, or dense SDPA (``full``)."""
+    """Diffuser (K hops, ``auto`` or a named engine, or recomputing one head at a time in
+    backward), one-hop sparse, or dense SDPA (``full``)."""
     spec = PATTERNS[case["pattern"]]
     impl = case["impl"]
     attention = {"sparse": "sparse", "sdpa": "full"}.get(impl, "diffuser")
     engine = "dgl" if impl == "diffuser_dgl" else "auto"
     layer = DiffuserAttention(case["hidden"], case["heads"], attention=attention,
-                              diffusion=Diffusion(alpha=0.1, hops=case["hops"]), pattern=spec)
+                              diffusion=Diffusion(alpha=0.1, hops=case["hops"]), pattern=spec,
+                              recompute_heads=RECOMPUTE_HEADS * (impl == "diffuser_recompute"))
     batch = PackedBatch.from_lengths([case["n"]], spec, engine=engine, device=device)
     if attention != "full":
         batch.plan  # noqa: B018 -- planned once per batch, as the encoder does
     edges = build_graph(case["n"], spec).num_edges()
     keys = case["n"] if attention == "full" else edges / case["n"]
-    info = {"engine": "sdpa (4-D)" if attention == "full" else batch.engine_name,
+    engine_name = batch.engine_name + (f", recompute {RECOMPUTE_HEADS} head"
+                                       if impl == "diffuser_recompute" else "")
+    info = {"engine": "sdpa (4-D)" if attention == "full" else engine_name,
             "keys_per_query": keys, "hops_per_layer": 1 if attention != "diffuser" else
             case["hops"]}
     return layer.to(device), (lambda x: layer(batch, x)), info
@@ -131,7 +137,8 @@ def transformerconv_layer(case: dict, device: torch.device):
         "hops_per_layer": 1}
 
 
-LAYERS = {"diffuser": diffuser_layer, "diffuser_dgl": diffuser_layer, "sparse": diffuser_layer,
+LAYERS = {"diffuser": diffuser_layer, "diffuser_dgl": diffuser_layer,
+          "diffuser_recompute": diffuser_layer, "sparse": diffuser_layer,
           "sdpa": diffuser_layer, "bigbird": bigbird_layer, "longformer": longformer_layer,
           "transformerconv": transformerconv_layer}
 PEERS = {"bigbird": "transformers", "longformer": "transformers",

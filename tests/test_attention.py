@@ -289,3 +289,61 @@ def test_full_attention_on_equal_lengths_runs_the_fused_kernel():
             full_attention(lengths, q, k, v)
         names = {event.key for event in prof.key_averages()}
         assert ("aten::_scaled_dot_product_flash_attention" in names) is fused
+
+
+def _recompute_case(engine):
+    spec = PatternSpec(window=3, num_global=1, num_random=2, seed=0)
+    batch = PackedBatch.from_lengths([20, 13], spec, engine=engine)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(33, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+               for _ in range(3))
+    hop_weights = torch.softmax(torch.randn(3, 4, dtype=torch.float64, generator=gen), dim=-1)
+    return batch, q, k, v, hop_weights.requires_grad_()
+
+
+@pytest.mark.parametrize("learned", [False, True], ids=["ppr", "learned"])
+@pytest.mark.parametrize("engine", ["dgl", "block", "gather"])
+def test_recomputed_heads_give_the_same_values_and_gradients(engine, learned):
+    batch, q, k, v, hop_weights = _recompute_case(engine)
+    inputs = [q, k, v, hop_weights] if learned else [q, k, v]
+    weights = torch.randn(33, 3, 4, dtype=torch.float64)
+
+    def run(recompute_heads):
+        out = diffusion_attention(batch, q, k, v, hops=3, alpha=0.2,
+                                  recompute_heads=recompute_heads,
+                                  hop_weights=hop_weights if learned else None)
+        return out, torch.autograd.grad((out * weights).sum(), inputs)
+
+    expected, expected_grads = run(0)
+    for recompute_heads in (1, 2, 5):
+        out, grads = run(recompute_heads)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+        for grad, want in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(grad, want, rtol=0, atol=1e-12)
+
+
+def test_recomputed_heads_replay_their_dropout_in_backward():
+    batch, q, k, v, _ = _recompute_case("block")
+    options = dict(hops=3, alpha=0.2, attn_dropout=0.3, hop_dropout=0.3, training=True)
+    torch.manual_seed(7)
+    out = diffusion_attention(batch, q, k, v, recompute_heads=2, **options)
+    grads = torch.autograd.grad(out.square().sum(), [q, k, v])
+    torch.manual_seed(7)  # the same masks, drawn chunk by chunk and kept for backward
+    chunks = [diffusion_attention(batch, q[:, heads], k[:, heads], v[:, heads], **options)
+              for heads in (slice(0, 2), slice(2, 3))]
+    expected = torch.cat(chunks, dim=1)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    for grad, want in zip(grads, torch.autograd.grad(expected.square().sum(), [q, k, v]),
+                          strict=True):
+        torch.testing.assert_close(grad, want, rtol=0, atol=1e-12)
+
+
+def test_recomputed_heads_pass_gradcheck_and_refuse_a_negative_count():
+    batch, q, k, v, _ = _recompute_case("block")
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: diffusion_attention(batch, q, k, v, hops=2, recompute_heads=2),
+        (q, k, v))
+    with pytest.raises(ValueError, match="recompute_heads must be >= 0"):
+        diffusion_attention(batch, q, k, v, recompute_heads=-1)
+    with pytest.raises(ValueError, match="recompute_heads must be an integer"):
+        DiffuserAttention(12, 3, recompute_heads=1.5)

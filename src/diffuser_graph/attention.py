@@ -13,12 +13,13 @@ tensors on every call): they propagate to every token that can reach them within
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .batch import PackedBatch, Padding, as_batch
 from .checks import as_int, check_probability, check_qkv
@@ -67,6 +68,25 @@ def _diffuse(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, diff
     return out, plan.edge_attention(attention) if return_attention else None
 
 
+def _by_heads(compute: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+              q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hop_weights: torch.Tensor | None,
+              recompute_heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``compute(q, k, v, hop_weights)`` on all heads at once, or ``recompute_heads`` heads at a
+    time, each chunk checkpointed: backward recomputes its attention and hops instead of keeping
+    them, so only one chunk's intermediates are ever alive."""
+    if not recompute_heads:
+        return compute(q, k, v, hop_weights)
+    # split (not slicing): its backward concatenates the chunks' gradients once
+    chunks = [x.split(recompute_heads, dim=1) for x in (q, k, v)]
+    weights = ([None] * len(chunks[0]) if hop_weights is None
+               else hop_weights.split(recompute_heads))
+    results = [checkpoint(compute, *inputs, use_reentrant=False)
+               for inputs in zip(*chunks, weights, strict=True)]
+    attention = [attn for _, attn in results]
+    return (torch.cat([out for out, _ in results], dim=1),
+            None if attention[0] is None else torch.cat(attention, dim=1))
+
+
 def diffusion_attention(
     batch: Any,
     q: torch.Tensor,
@@ -85,6 +105,7 @@ def diffusion_attention(
     engine: str | None = None,
     hop_weights: torch.Tensor | None = None,
     hop_dropout_at: str = "before_mix",
+    recompute_heads: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Multi-hop diffused attention on a :class:`PackedBatch` or any (batched) DGL graph.
 
@@ -107,6 +128,10 @@ def diffusion_attention(
             ``"gather"``); a bare graph defaults to ``auto`` (DGL on the CPU).
         hop_weights: ``(H, K + 1)`` weights ``theta_k`` per head instead of the kernel's (the
             ``"learned"`` kernel's; differentiable): ``sum_k theta[h, k] A^k v`` per head.
+        recompute_heads: 0 keeps the attention and every hop's input for backward; ``h > 0``
+            computes ``h`` heads at a time and recomputes them in backward (activation
+            checkpointing): the same values and gradients, with the memory of ``h`` heads'
+            intermediates instead of all heads' and of every layer's, for one more forward.
 
     NaN or infinite inputs are not checked: they reach every token within ``hops`` of them.
 
@@ -120,6 +145,7 @@ def diffusion_attention(
     hop_dropout = check_probability("hop_dropout", hop_dropout)
     plan = batch.edge_plan if return_attention else batch.plan
     after_mix = check_hop_dropout_at(hop_dropout_at, hop_weights is not None)
+    recompute_heads = as_int("recompute_heads", recompute_heads, 0)
     if hop_weights is not None:
         expected = (v.shape[1], diffusion.hops + 1)
         if (not isinstance(hop_weights, torch.Tensor) or tuple(hop_weights.shape) != expected
@@ -127,15 +153,20 @@ def diffusion_attention(
             raise ValueError(f"hop_weights must be a float tensor of shape (H, K + 1) = "
                              f"{expected} on {v.device}, got "
                              f"{getattr(hop_weights, 'shape', type(hop_weights).__name__)}")
+
+    def compute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                hop_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _diffuse(plan, q, k, v, diffusion, attn_dropout, hop_dropout, training,
+                        return_attention, hop_weights, after_mix)
+
     if q.dtype in LOW_PRECISION:  # softmax and K hops of sums need float32's range and accuracy
         with torch.autocast(q.device.type, enabled=False):
-            out, attn = _diffuse(plan, q.float(), k.float(), v.float(), diffusion, attn_dropout,
-                                 hop_dropout, training, return_attention,
-                                 None if hop_weights is None else hop_weights.float(), after_mix)
+            out, attn = _by_heads(compute, q.float(), k.float(), v.float(),
+                                  None if hop_weights is None else hop_weights.float(),
+                                  recompute_heads)
         out = out.to(q.dtype)
     else:
-        out, attn = _diffuse(plan, q, k, v, diffusion, attn_dropout, hop_dropout, training,
-                             return_attention, hop_weights, after_mix)
+        out, attn = _by_heads(compute, q, k, v, hop_weights, recompute_heads)
     if return_attention:
         assert attn is not None
         return out, attn
@@ -187,6 +218,8 @@ class DiffuserAttention(nn.Module):
 
     ``pattern``: the pattern this layer belongs to; a :class:`PackedBatch` of another pattern is
     refused. The engine is the batch's (chosen once per batch by whoever builds it).
+    ``recompute_heads``: see :func:`diffusion_attention` (graph attention only: full attention's
+    fused kernel keeps no weights already).
 
     ``forward(batch, x)`` takes a :class:`PackedBatch` (or a DGL graph) and the packed tokens
     ``x: (N, hidden)`` -> ``(N, hidden)``, or the padded ``x: (B, L, hidden)`` ->
@@ -209,6 +242,7 @@ class DiffuserAttention(nn.Module):
         bias: bool = True,
         attention: str = "diffuser",
         pattern: PatternSpec | None = None,
+        recompute_heads: int = 0,
     ) -> None:
         super().__init__()
         hidden_size, num_heads = as_int("hidden_size", hidden_size, 1), as_int("num_heads",
@@ -227,6 +261,7 @@ class DiffuserAttention(nn.Module):
         self.hop_dropout = check_probability("hop_dropout", hop_dropout)
         check_hop_dropout_at(hop_dropout_at, self.diffusion.kernel == LEARNED)
         self.hop_dropout_at = hop_dropout_at
+        self.recompute_heads = as_int("recompute_heads", recompute_heads, 0)
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = hidden_size // num_heads
         self.hop_logits = None
@@ -270,7 +305,7 @@ class DiffuserAttention(nn.Module):
                 batch, q, k, v, self.diffusion, attn_dropout=self.attn_dropout,
                 hop_dropout=self.hop_dropout, training=self.training,
                 return_attention=return_attention, hop_weights=self.hop_weights(),
-                hop_dropout_at=self.hop_dropout_at)
+                hop_dropout_at=self.hop_dropout_at, recompute_heads=self.recompute_heads)
             out, attn = result if isinstance(result, tuple) else (result, None)
         out = self.output(out.reshape(x.shape[0], self.hidden_size))
         if padded:

@@ -61,6 +61,9 @@ class DiffuserConfig(BaseModel):
     activation: Literal["gelu", "gelu_tanh", "relu"] = "gelu"  # of the feed-forward blocks
     attention: Literal["diffuser", "sparse", "full"] = "diffuser"
     engine: EngineName = "auto"  # see diffuser_graph.engines.choose_engine
+    # 0: keep every layer's attention and hops for backward; h: recompute them in backward,
+    # h heads at a time (less memory, one more forward of the attention)
+    recompute_heads: Int = Field(default=0, ge=0)
     pattern: PatternSpec = PatternSpec(window=8, num_global=1, num_random=2)
     kernel: KernelName = "ppr"
     alpha: Alpha = 0.1
@@ -135,7 +138,8 @@ class EncoderLayer(nn.Module):
             config.hidden_size, config.num_heads, diffusion=config.diffusion,
             attn_dropout=config.attn_dropout, hop_dropout=config.hop_dropout,
             hop_dropout_at=config.hop_dropout_at,
-            attention=config.attention, pattern=config.pattern)
+            attention=config.attention, pattern=config.pattern,
+            recompute_heads=config.recompute_heads)
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.ffn = nn.Sequential(nn.Linear(config.hidden_size, config.ffn_size),
                                  ACTIVATIONS[config.activation](),
