@@ -43,10 +43,11 @@ test-fast: venv $(STAMP)  ## the tests not marked slow (no notebooks, end-to-end
 spectral: venv $(STAMP)  ## install and run the spectral sweep on the shipped config
 	$(BIN)/diffuser-graph spectral configs/spectral.yaml
 
-bench: venv $(STAMP)  ## install, then run the attention and layer speed/memory suites (~1 h)
+bench: venv $(STAMP)  ## install, then run the attention, layer and training speed/memory suites (~1 h)
 	$(BIN)/python benchmarks/attention.py --out benchmarks/results
 	$(BIN)/python benchmarks/layers.py --preset peers --out benchmarks/results
 	$(BIN)/python benchmarks/layers.py --preset official --out benchmarks/results
+	$(BIN)/python benchmarks/training.py --out benchmarks/results
 
 clean-venv:
 	rm -rf $(VENV)

@@ -53,8 +53,8 @@ def layer_case(impl, n=256, pattern="window32+2g+3r"):
                 device="cpu", threads=1, repeats=1, budget_s=0.01)
 
 
-@pytest.mark.parametrize("impl", ["diffuser", "diffuser_dgl", "sparse", "sdpa", "bigbird",
-                                  "longformer", "transformerconv"])
+@pytest.mark.parametrize("impl", ["diffuser", "diffuser_dgl", "diffuser_recompute", "sparse",
+                                  "sdpa", "bigbird", "longformer", "transformerconv"])
 def test_every_layer_maps_hidden_states_and_reports_its_pattern(impl):
     pytest.importorskip(layers.PEERS.get(impl, "torch"))
     case = layer_case(impl)
@@ -68,7 +68,7 @@ def test_every_layer_maps_hidden_states_and_reports_its_pattern(impl):
     expected_hops = 3 if impl.startswith("diffuser") else 1
     assert info["hops_per_layer"] == expected_hops
     edges = build_graph(case["n"], layers.PATTERNS[case["pattern"]]).num_edges()
-    if impl in ("diffuser", "diffuser_dgl", "sparse", "transformerconv"):
+    if impl in ("diffuser", "diffuser_dgl", "diffuser_recompute", "sparse", "transformerconv"):
         assert info["keys_per_query"] == edges / case["n"]  # the same graph for all of them
     if impl == "diffuser_dgl":
         assert info["engine"] == "dgl"
@@ -83,6 +83,11 @@ def test_diffuser_layer_on_the_dgl_engine_equals_the_auto_engine():
     x = torch.randn(case["n"], case["hidden"])
     assert info["engine"] == "block"
     torch.testing.assert_close(fast(x), reference(x), rtol=1e-5, atol=1e-5)
+    torch.manual_seed(0)
+    _, recomputed, info = layers.diffuser_layer({**case, "impl": "diffuser_recompute"},
+                                                torch.device("cpu"))
+    assert info["engine"] == "block, recompute 1 head"
+    torch.testing.assert_close(recomputed(x), fast(x), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -97,3 +102,27 @@ def test_layer_suite_writes_ratios_and_names_missing_peers(tmp_path, monkeypatch
     assert by_impl["diffuser"]["time_vs_bigbird"] > 0 and by_impl["diffuser"]["memory_vs_sdpa"] >= 0
     table = (tmp_path / "layers-peers.md").read_text()
     assert "| 256 | diffuser | block |" in table and "| 256 | longformer |" in table
+
+
+TRAINING_SCRIPT = SCRIPT.with_name("training.py")
+training_spec = importlib.util.spec_from_file_location("training_benchmark", TRAINING_SCRIPT)
+training = importlib.util.module_from_spec(training_spec)
+training_spec.loader.exec_module(training)
+
+
+@pytest.mark.slow
+def test_training_suite_times_steps_per_attention_with_ratios(tmp_path):
+    out = tmp_path / "bench"
+    assert training.main(["--configs", "image-small", "--attentions", "diffuser", "sparse",
+                          "--steps", "2", "--warmup", "1", "--out", str(out)]) == 0
+    rows = json.loads((out / "training.json").read_text())["rows"]
+    assert [(r["attention"], r["hops"]) for r in rows] == [("diffuser", 5), ("sparse", 1)]
+    assert all(r["steps_per_s"] > 0 and r["engine"] == "dgl" for r in rows)
+    assert rows[1]["vs_sparse"] == 1.0
+    assert rows[0]["vs_sparse"] == rows[0]["steps_per_s"] / rows[1]["steps_per_s"]
+    assert "| image-small | diffuser | dgl | 5 |" in (out / "training.md").read_text()
+
+
+def test_training_suite_refuses_an_unknown_config():
+    with pytest.raises(SystemExit):
+        training.main(["--configs", "no-such-config"])
