@@ -31,9 +31,11 @@ from diffuser_graph.engines.block import supports  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
     PATTERNS,
+    add_case_options,
     machine,
     matmul_gflops,
     peak_memory,
+    ran_one_case,
     reset_peak_memory,
     run_in_subprocess,
     time_step,
@@ -258,15 +260,12 @@ def main(argv=None) -> int:
                         "one-hop DGL cases run on the CPU only)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of repeats per case")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per case")
-    parser.add_argument("--out", default="benchmarks/results")
+    add_case_options(parser, timeout=600.0)
     parser.add_argument("--profile", type=int, metavar="N", default=None,
                         help="only profile the block and DGL engines (K=5) at length N and write "
                              "profile.md")
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args(argv)
-    if args.case:
-        print(json.dumps(run_case(json.loads(args.case))))
+    if ran_one_case(args, run_case):
         return 0
     if args.profile:
         Path(args.out).mkdir(parents=True, exist_ok=True)

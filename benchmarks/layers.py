@@ -34,8 +34,10 @@ from diffuser_graph import (  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
     PATTERNS,
+    add_case_options,
     machine,
     peak_memory,
+    ran_one_case,
     reset_peak_memory,
     run_in_subprocess,
     time_step,
@@ -229,12 +231,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=30.0, help="seconds of repeats per case")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    add_case_options(parser)
     args = parser.parse_args(argv)
-    if args.case:
-        print(json.dumps(run_case(json.loads(args.case))))
+    if ran_one_case(args, run_case):
         return 0
 
     from tqdm import tqdm

@@ -6,6 +6,7 @@ On the CPU the peak is the kernel's peak-RSS mark (VmHWM) over the case's inputs
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -82,6 +83,23 @@ def machine(device: torch.device) -> str:
     where = (torch.cuda.get_device_name(device) if device.type == "cuda"
              else f"{platform.machine()}, {os.cpu_count()} CPUs")
     return f"{where}, torch {torch.__version__}"
+
+
+def add_case_options(parser: argparse.ArgumentParser, timeout: float = 900.0) -> None:
+    """The options every suite shares: a time limit per case, the output folder, and the
+    internal ``--case JSON`` by which :func:`run_in_subprocess` runs one case in a fresh process
+    (see :func:`ran_one_case`)."""
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per case")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+
+
+def ran_one_case(args: argparse.Namespace, run_case: Callable[[dict], dict]) -> bool:
+    """If ``--case`` was given, run that one case and print its result as JSON (the line
+    :func:`run_in_subprocess` reads); whether it was."""
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))))
+    return bool(args.case)
 
 
 def run_in_subprocess(script: str, case: dict, timeout: float) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import machine, run_in_subprocess  # noqa: E402
+from measure import add_case_options, machine, ran_one_case, run_in_subprocess  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ["multihop-small", "lm-small", "pathfinder-small", "image-small"]
@@ -102,12 +102,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    add_case_options(parser)
     args = parser.parse_args(argv)
-    if args.case:
-        print(json.dumps(run_case(json.loads(args.case))))
+    if ran_one_case(args, run_case):
         return 0
     for name in args.configs:
         if not (ROOT / "configs" / f"{name}.yaml").is_file():
