@@ -123,6 +123,10 @@ def test_training_suite_times_steps_per_attention_with_ratios(tmp_path):
     assert "| image-small | diffuser | dgl | 5 |" in (out / "training.md").read_text()
 
 
-def test_training_suite_refuses_an_unknown_config():
+def test_training_suite_refuses_an_unknown_config_and_no_steps(capsys):
     with pytest.raises(SystemExit):
         training.main(["--configs", "no-such-config"])
+    assert "no configs/no-such-config.yaml" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        training.main(["--steps", "0"])
+    assert "--steps and --threads must be >= 1" in capsys.readouterr().err

@@ -132,6 +132,8 @@ def diffusion_attention(
             computes ``h`` heads at a time and recomputes them in backward (activation
             checkpointing): the same values and gradients, with the memory of ``h`` heads'
             intermediates instead of all heads' and of every layer's, for one more forward.
+            Dropout masks are drawn chunk by chunk (other draws than with 0, the same
+            distribution) and replayed exactly in backward.
 
     NaN or infinite inputs are not checked: they reach every token within ``hops`` of them.
 
