@@ -9,6 +9,7 @@ import yaml
 
 from diffuser_graph.cli import main
 from diffuser_graph.config import ConfigError, load_config
+from diffuser_graph.io import atomic_write_text
 from diffuser_graph.study import StudyConfig, expand, run_study, status
 from runs import TINY
 
@@ -31,7 +32,8 @@ def study(tmp_path, **fields) -> StudyConfig:
 
 
 def fake_launcher(outcomes):
-    """Writes results.json as a finished run would: the value comes from ``outcomes``."""
+    """Writes results.json as a finished run would (atomically, as ``train`` does: another
+    job's summary may read it at any moment); the value comes from ``outcomes``."""
     launched = []
 
     def launch(run, threads):
@@ -40,7 +42,7 @@ def fake_launcher(outcomes):
         if value is None:
             return 1
         run.out_dir.mkdir(parents=True, exist_ok=True)
-        (run.out_dir / "results.json").write_text(json.dumps({
+        atomic_write_text(run.out_dir / "results.json", json.dumps({
             "best_step": 4, "val": {"accuracy": value}, "test": {"accuracy": value},
             "speed": {"train_steps_per_s": 10.0 + run.seed, "timed_steps": 12}}))
         return 0
