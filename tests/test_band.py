@@ -5,6 +5,7 @@ import torch
 from diffuser_graph.engines.band import (
     BandGeometry,
     band_apply_transposed,
+    band_transpose,
     banded_apply,
     banded_scores,
 )
@@ -54,6 +55,25 @@ def test_band_products_equal_dense_products(geometry, chunks):
                                dense_a @ k.reshape(-1, dim))
     torch.testing.assert_close(band_apply_transposed(geometry, a, q).reshape(-1, dim),
                                dense_a.T @ q.reshape(-1, dim))
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 5])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_the_transposed_band_is_the_band_of_the_transpose(geometry, chunks):
+    gen = torch.Generator().manual_seed(2)
+    b, dim = geometry.block, 3
+    a = torch.randn(chunks, b, geometry.width, dtype=torch.float64, generator=gen)
+    g = torch.randn(chunks, b, dim, dtype=torch.float64, generator=gen)
+    transposed = band_transpose(geometry, a)
+    assert transposed.shape == (chunks, b, geometry.transposed.width)
+    torch.testing.assert_close(as_dense(geometry.transposed, transposed), as_dense(geometry, a).T)
+    column = dense_band(geometry.transposed, chunks)
+    rows, keys = torch.nonzero(column >= 0, as_tuple=True)
+    outside = torch.ones(chunks * b, geometry.transposed.width, dtype=torch.bool)
+    outside[rows, column[rows, keys]] = False
+    assert not transposed.reshape(chunks * b, -1)[outside].any()  # past either end: zeros
+    torch.testing.assert_close(banded_apply(geometry.transposed, transposed, g),
+                               band_apply_transposed(geometry, a, g))
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)

@@ -175,7 +175,8 @@ def test_auto_chooses_per_device_and_pattern():
     grid = PatternSpec(kind="grid", image_size=(8, 8))
     assert choose_engine("auto", wide, [4096], cpu) == "block"
     assert choose_engine("auto", narrow, [4096], cpu) == "dgl"
-    assert choose_engine("auto", grid, [64], cpu) == "dgl"
+    assert choose_engine("auto", grid, [64], cpu) == "block"
+    assert choose_engine("auto", PatternSpec(kind="grid", image_size=(4, 4)), [16], cpu) == "dgl"
     assert choose_engine("auto", PatternSpec(kind="official"), [1024], cpu) == "block"
     # DGL has no GPU kernels in its PyPI wheel: every pattern gets a pure-torch engine there.
     assert choose_engine("auto", narrow, [64], cuda) == "block"

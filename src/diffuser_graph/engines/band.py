@@ -15,7 +15,8 @@ Three products, each the others' gradient:
 - :func:`band_apply` ``out[c, i] = sum_w a[c, i, w] z(c, w)``: ``(M, b, width), (M, b, D) ->
   (M, b, D)``;
 - :func:`band_apply_transposed` ``out(c, w) += a[c, i, w] g[c, i]``: the adjoint of
-  :func:`band_apply` in its second argument.
+  :func:`band_apply` in its second argument (or :func:`band_transpose` once, then
+  :func:`band_apply` on the transposed geometry, for several products with one ``a``).
 
 :func:`banded_scores` and :func:`banded_apply` are the differentiable ones: backward saves only
 the inputs, and no zero-filled window-sized gradient is ever made.
@@ -45,6 +46,13 @@ class BandGeometry:
     @property
     def width(self) -> int:
         return self.left + self.block + self.right
+
+    @property
+    def transposed(self) -> BandGeometry:
+        """The band of the transposed matrix: the keys of block ``c`` are reached by the query
+        blocks ``c - ceil(right / b)`` to ``c + ceil(left / b)``."""
+        b = self.block
+        return BandGeometry(b, b * math.ceil(self.right / b), b * math.ceil(self.left / b))
 
     @cached_property
     def pieces(self) -> tuple[tuple[int, int, int, int], ...]:
@@ -117,6 +125,25 @@ def band_apply_transposed(geometry: BandGeometry, a: torch.Tensor,
                 target.baddbmm_(a[own, :, lo:hi].transpose(1, 2), g[own])
             else:  # in place on part of each chunk, baddbmm_ would loop over the chunks
                 target += torch.bmm(a[own, :, lo:hi].transpose(1, 2), g[own])
+    return out
+
+
+def band_transpose(geometry: BandGeometry, a: torch.Tensor) -> torch.Tensor:
+    """The band of ``A^T`` on ``geometry.transposed`` from the band ``a: (M, b, width)`` of ``A``:
+    ``(M, b, left + b + right)``. Then ``band_apply(geometry.transposed, band_transpose(a), g)``
+    is :func:`band_apply_transposed` ``(a, g)``, one batched matmul instead of one per piece:
+    worth it when several products share ``a`` (the hops of a backward pass)."""
+    count, b, width = a.shape
+    transposed = geometry.transposed
+    out = a.new_zeros(count, b, transposed.width)
+    for offset, lo, hi, _ in transposed.pieces:
+        # Column w of chunk c is query (c + offset) b + w - lo (whole chunks: first = 0); key
+        # c b + j sits in that query's row of `a` at column `start + j`.
+        start = geometry.left - offset * b
+        j0, j1 = max(0, -start), min(b, width - start)
+        own, other = _spans(count, offset)
+        if j0 < j1:
+            out[own, j0:j1, lo:hi] = a[other, :, start + j0:start + j1].transpose(1, 2)
     return out
 
 
