@@ -32,11 +32,19 @@ def run_case(case: dict) -> dict:
     from diffuser_graph.config import load_config
     from diffuser_graph.engines import choose_engine
     from diffuser_graph.tasks import collate
-    from diffuser_graph.train import BatchOrder, RunConfig, build_model, make_optimizer, prepare
+    from diffuser_graph.train import (
+        BatchOrder,
+        RunConfig,
+        Runtime,
+        build_model,
+        make_optimizer,
+        prepare,
+    )
 
-    torch.set_num_threads(case["threads"])
-    overrides = [f"model.attention={case['attention']}", f"train.threads={case['threads']}"]
+    overrides = [f"model.attention={case['attention']}", f"train.threads={case['threads']}",
+                 "train.device=cpu"]
     config = load_config(ROOT / "configs" / f"{case['config']}.yaml", RunConfig, overrides)
+    Runtime.start(config.train)  # threads and allocator as train sets them
     torch.manual_seed(config.seed)
     data, model_config = prepare(config)
     model = build_model(model_config, data)
