@@ -436,13 +436,17 @@ class _Diffusion(torch.autograd.Function):
     """``sum_k theta_k A^k v`` (Horner, dropout on every ``A z``) whose backward runs the adjoint
     series: the gradient flows back through ``A^T`` hop by hop, and the gradient of ``A`` is
     taken once for all hops, with the hops' inputs and gradients stacked along the features
-    (one band product, one sampled product instead of K)."""
+    (one band product, one sampled product instead of K). Each hop writes its input, and the
+    backward pass each hop's gradient, straight into its columns of one ``(rows, K Dv)`` buffer,
+    so no hop's tensor outlives its hop and nothing is concatenated."""
 
     @staticmethod
     def forward(ctx: Any, plan: BlockPlan, diffusion: Diffusion, dropout: tuple[float, bool],
                 v: torch.Tensor, *attention: torch.Tensor) -> torch.Tensor:
         hop_dropout, after_mix = dropout
-        inputs: list[torch.Tensor] = []
+        width = v.shape[-1]
+        inputs = v.new_empty(v.shape[0], diffusion.hops * width)
+        hops_done = 0
         kept: list[torch.Tensor] = []
 
         def drop(z: torch.Tensor) -> torch.Tensor:
@@ -451,38 +455,40 @@ class _Diffusion(torch.autograd.Function):
             return z * keep / (1 - hop_dropout)
 
         def hop(z: torch.Tensor) -> torch.Tensor:
-            inputs.append(z)
+            nonlocal hops_done
+            inputs[:, hops_done * width:(hops_done + 1) * width] = z
+            hops_done += 1
             out = plan.propagate(attention, z)
             return drop(out) if hop_dropout and not after_mix else out
 
         out = diffusion.apply(hop, v, drop if hop_dropout and after_mix else None)
         ctx.plan, ctx.diffusion, ctx.hop_dropout = plan, diffusion, hop_dropout
         ctx.after_mix = after_mix
-        ctx.counts = len(attention), len(inputs)
-        ctx.save_for_backward(*attention, *inputs, *kept)
+        ctx.parts = len(attention)
+        ctx.save_for_backward(inputs, *attention, *kept)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        parts, hops = ctx.counts
-        saved = ctx.saved_tensors
-        attention, inputs, kept = saved[:parts], saved[parts:parts + hops], saved[parts + hops:]
-        theta = ctx.diffusion.coefficients
+        inputs, *saved = ctx.saved_tensors
+        attention, kept = tuple(saved[:ctx.parts]), saved[ctx.parts:]
+        theta, hops = ctx.diffusion.coefficients, ctx.diffusion.hops
+        width = grad.shape[-1]
+        want_attention = any(ctx.needs_input_grad[4:])
+        hop_grads = torch.empty_like(inputs) if want_attention else None
         grad_v = torch.zeros_like(grad)
-        hop_grads: list[torch.Tensor] = []
         transposed = ctx.plan.transposed(attention)
         for index in reversed(range(hops)):  # hop `index` added theta[hops - 1 - index] * v
             if kept and ctx.after_mix:
                 grad = grad * kept[index] / (1 - ctx.hop_dropout)
             if theta[hops - 1 - index]:
-                grad_v = grad_v + theta[hops - 1 - index] * grad
+                grad_v.add_(grad, alpha=theta[hops - 1 - index])
             if kept and not ctx.after_mix:
                 grad = grad * kept[index] / (1 - ctx.hop_dropout)
-            hop_grads.append(grad)
+            if hop_grads is not None:
+                hop_grads[:, index * width:(index + 1) * width] = grad
             grad = ctx.plan.propagate_transposed(transposed, grad)
-        grad_v = grad_v + (theta[-1] * grad if theta[-1] != 1 else grad)
-        attention_grads = None
-        if any(ctx.needs_input_grad[4:]):
-            attention_grads = ctx.plan.attention_grads(
-                attention, torch.cat(hop_grads[::-1], dim=-1), torch.cat(inputs, dim=-1))
+        grad_v.add_(grad, alpha=theta[-1])
+        attention_grads = (ctx.plan.attention_grads(attention, hop_grads, inputs)
+                           if hop_grads is not None else None)
         return (None, None, None, grad_v, *(attention_grads or (None,) * parts))
