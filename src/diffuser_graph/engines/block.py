@@ -491,4 +491,4 @@ class _Diffusion(torch.autograd.Function):
         grad_v.add_(grad, alpha=theta[-1])
         attention_grads = (ctx.plan.attention_grads(attention, hop_grads, inputs)
                            if hop_grads is not None else None)
-        return (None, None, None, grad_v, *(attention_grads or (None,) * parts))
+        return (None, None, None, grad_v, *(attention_grads or (None,) * ctx.parts))
