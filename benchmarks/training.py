@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", default=CONFIGS,
                         help="config names under configs/ (without .yaml)")
     parser.add_argument("--attentions", nargs="+", choices=ATTENTIONS, default=ATTENTIONS)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     add_case_options(parser)
