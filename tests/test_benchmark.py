@@ -117,10 +117,10 @@ def test_training_suite_times_steps_per_attention_with_ratios(tmp_path):
                           "--steps", "2", "--warmup", "1", "--out", str(out)]) == 0
     rows = json.loads((out / "training.json").read_text())["rows"]
     assert [(r["attention"], r["hops"]) for r in rows] == [("diffuser", 5), ("sparse", 1)]
-    assert all(r["steps_per_s"] > 0 and r["engine"] == "dgl" for r in rows)
+    assert all(r["steps_per_s"] > 0 and r["engine"] == "block" for r in rows)
     assert rows[1]["vs_sparse"] == 1.0
     assert rows[0]["vs_sparse"] == rows[0]["steps_per_s"] / rows[1]["steps_per_s"]
-    assert "| image-small | diffuser | dgl | 5 |" in (out / "training.md").read_text()
+    assert "| image-small | diffuser | block | 5 |" in (out / "training.md").read_text()
 
 
 def test_training_suite_refuses_an_unknown_config_and_no_steps(capsys):
