@@ -445,7 +445,9 @@ class _Diffusion(torch.autograd.Function):
                 v: torch.Tensor, *attention: torch.Tensor) -> torch.Tensor:
         hop_dropout, after_mix = dropout
         width = v.shape[-1]
-        inputs = v.new_empty(v.shape[0], diffusion.hops * width)
+        # the hops' inputs serve only the gradient of A: not kept in inference or for v alone
+        inputs = (v.new_empty(v.shape[0], diffusion.hops * width)
+                  if any(ctx.needs_input_grad[4:]) else None)
         hops_done = 0
         kept: list[torch.Tensor] = []
 
@@ -456,7 +458,8 @@ class _Diffusion(torch.autograd.Function):
 
         def hop(z: torch.Tensor) -> torch.Tensor:
             nonlocal hops_done
-            inputs[:, hops_done * width:(hops_done + 1) * width] = z
+            if inputs is not None:
+                inputs[:, hops_done * width:(hops_done + 1) * width] = z
             hops_done += 1
             out = plan.propagate(attention, z)
             return drop(out) if hop_dropout and not after_mix else out
@@ -474,8 +477,7 @@ class _Diffusion(torch.autograd.Function):
         attention, kept = tuple(saved[:ctx.parts]), saved[ctx.parts:]
         theta, hops = ctx.diffusion.coefficients, ctx.diffusion.hops
         width = grad.shape[-1]
-        want_attention = any(ctx.needs_input_grad[4:])
-        hop_grads = torch.empty_like(inputs) if want_attention else None
+        hop_grads = None if inputs is None else torch.empty_like(inputs)
         grad_v = torch.zeros_like(grad)
         transposed = ctx.plan.transposed(attention)
         for index in reversed(range(hops)):  # hop `index` added theta[hops - 1 - index] * v
