@@ -136,31 +136,39 @@ def test_gathered_products_match_plain_gathers_and_pass_gradcheck():
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(2, 9, 3, dtype=torch.float64, generator=gen, requires_grad=True)
     k = torch.randn(2, 7, 3, dtype=torch.float64, generator=gen, requires_grad=True)
-    a = torch.randn(2, 9, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     keys = torch.randint(0, 7, (9, 4), generator=gen).sort(dim=1).values
-    mask = torch.ones(9, 4, dtype=torch.bool)
+    mask = torch.rand(9, 4, generator=gen) < 0.7  # ragged rows, one of them empty
+    mask[4] = False
     index = gathered.GatherIndex.build(keys, mask, batch=2, rows=7)
-    torch.testing.assert_close(gathered.gather_dot(q, k, index),
-                               (k[:, keys] @ q.unsqueeze(-1)).squeeze(-1))
-    torch.testing.assert_close(gathered.gather_sum(a, k, index),
-                               (a.unsqueeze(-2) @ k[:, keys]).squeeze(-2))
+    entries = torch.nonzero(mask.expand(2, 9, 4)).tolist()  # (table, query, slot), packed order
+    assert index.row.numel() == len(entries)
+    a = torch.randn(len(entries), dtype=torch.float64, generator=gen, requires_grad=True)
+
+    def plain_dot(q, k):
+        return torch.stack([q[b, i] @ k[b, keys[i, r]] for b, i, r in entries])
+
+    def plain_sum(a, k):
+        out = [[torch.zeros(3, dtype=torch.float64) for _ in range(9)] for _ in range(2)]
+        for (b, i, r), weight in zip(entries, a, strict=True):
+            out[b][i] = out[b][i] + weight * k[b, keys[i, r]]
+        return torch.stack([torch.stack(rows) for rows in out])
+
+    torch.testing.assert_close(gathered.gather_dot(q, k, index), plain_dot(q, k))
+    torch.testing.assert_close(gathered.gather_sum(a, k, index), plain_sum(a, k))
     assert torch.autograd.gradcheck(lambda q, k: gathered.gather_dot(q, k, index), (q, k))
     assert torch.autograd.gradcheck(lambda a, k: gathered.gather_sum(a, k, index), (a, k))
-    # Padding entries (mask False) carry weight 0 and are left out of the transposed sums.
-    mask[:, 3] = False
-    sparse = gathered.GatherIndex.build(keys, mask, batch=2, rows=7)
-    weights = a.detach().clone()
-    weights[:, :, 3] = 0
+    # The transposed sum, also from weights ordered by key once.
     expected = torch.zeros(2, 7, 3, dtype=torch.float64)
-    for b, i, r in torch.nonzero(mask.expand(2, 9, 4)).tolist():
-        expected[b, keys[i, r]] += weights[b, i, r] * q[b, i].detach()
-    got = sparse.scatter_sum(weights.reshape(18, 4), q.detach().reshape(18, 3)).view(2, 7, 3)
-    torch.testing.assert_close(got, expected)
-    scores = sparse.gather_dot(q.detach().reshape(18, 3), k.detach().reshape(14, 3)).view(2, 9, 4)
-    plain = (k[:, keys] @ q.unsqueeze(-1)).squeeze(-1).detach()
-    torch.testing.assert_close(scores[..., :3], plain[..., :3])
-    # Padding repeats its row's last real key (the CSR stays sorted); callers mask it.
-    torch.testing.assert_close(scores[..., 3], plain[..., 2])
+    for (b, i, r), weight in zip(entries, a.detach(), strict=True):
+        expected[b, keys[i, r]] += weight * q[b, i].detach()
+    values = q.detach().reshape(18, 3)
+    torch.testing.assert_close(index.scatter_sum(a.detach(), values).view(2, 7, 3), expected)
+    torch.testing.assert_close(
+        index.scatter_sum_by_key(a.detach()[index.by_key], values).view(2, 7, 3), expected)
+    # Packing and unpacking the rectangular (queries, R) layout.
+    square = index.unpack(a.detach(), fill=-1.0).view(2, 9, 4)
+    assert (square[~mask.expand(2, 9, 4)] == -1).all()
+    torch.testing.assert_close(index.pack(square.view(18, 4)), a.detach())
 
 
 def test_block_engine_gives_no_per_edge_attention_so_return_attention_uses_another():

@@ -103,14 +103,13 @@ class BlockLayout:
     @cached_property
     def biases(self) -> tuple[torch.Tensor | None, ...]:
         """The masks as additive float32 biases (0 on an edge, -inf off it), in the order band,
-        global keys, random keys, global rows: adding one costs a tenth of a broadcast
-        ``masked_fill``, and its gradient is the identity."""
+        global keys, global rows: adding one costs a tenth of a broadcast ``masked_fill``, and
+        its gradient is the identity."""
         def bias(mask: torch.Tensor | None) -> torch.Tensor | None:
             return None if mask is None else torch.zeros(mask.shape, device=mask.device
                                                          ).masked_fill_(~mask, -math.inf)
 
-        return tuple(bias(mask) for mask in (self.band_mask, self.global_keys, self.random_mask,
-                                             self.global_rows))
+        return tuple(bias(mask) for mask in (self.band_mask, self.global_keys, self.global_rows))
 
     @cached_property
     def transposed_global_queries(self) -> torch.Tensor:
@@ -219,12 +218,12 @@ def _layout_on(seq_len: int, spec: PatternSpec, device: torch.device) -> BlockLa
 def _attention_parts(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor,
                      gather: GatherIndex) -> tuple[torch.Tensor, ...]:
     """One group's ``A`` from ``q, k: (B, padded, D)`` (B = sequences x heads): the band
-    ``(B * n_blocks, b, width)``, the global keys ``(B, padded, G)``, the random keys
-    ``(B, padded, R)`` (one joint softmax over the three) and the global rows ``(B, G, padded)``.
+    ``(B * n_blocks, b, width)``, the global keys ``(B, padded, G)``, the random keys packed
+    ``(E,)`` (one joint softmax over the three) and the global rows ``(B, G, padded)``.
     """
     batch, padded, dim = q.shape
     shape = layout.geometry
-    band_bias, global_keys_bias, random_bias, global_rows_bias = layout.biases
+    band_bias, global_keys_bias, global_rows_bias = layout.biases
     q = q * (1.0 / math.sqrt(dim))  # scaled once here rather than every score
     chunks = (batch * layout.num_blocks, shape.block, dim)
     band = banded_scores(shape, q.reshape(chunks), k.reshape(chunks))
@@ -234,7 +233,7 @@ def _attention_parts(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor,
     to_globals = q @ k[:, glob].transpose(-1, -2)  # (B, padded, G)
     if global_keys_bias is not None:
         to_globals = to_globals + global_keys_bias
-    random = gather_dot(q, k, gather) + random_bias  # (B, padded, R)
+    random = gather.unpack(gather_dot(q, k, gather), -math.inf).view(batch, padded, -1)
     sizes = [shape.width, to_globals.shape[-1], random.shape[-1]]
     # CPU softmax runs 2.5x faster on rows whose length is a multiple of the vector width (8
     # floats): pad the joint rows with -inf columns (weight 0) up to one.
@@ -246,8 +245,8 @@ def _attention_parts(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor,
     if global_rows_bias is not None:
         rows = rows + global_rows_bias
     band_attn = band_attn.reshape(batch * layout.num_blocks, shape.block, shape.width)
-    # Each hop reads the random weights as (B * padded, R) rows: make them contiguous once.
-    return band_attn, global_attn, random_attn.contiguous(), torch.softmax(rows, dim=-1)
+    random_attn = gather.pack(random_attn.reshape(batch * padded, -1))
+    return band_attn, global_attn, random_attn, torch.softmax(rows, dim=-1)
 
 
 def _propagate_one(layout: BlockLayout, parts: Sequence[torch.Tensor], z: torch.Tensor,
@@ -262,16 +261,17 @@ def _propagate_one(layout: BlockLayout, parts: Sequence[torch.Tensor], z: torch.
     return out.index_copy_(1, glob, rows @ z)
 
 
-def _transposed_parts(layout: BlockLayout, parts: Sequence[torch.Tensor]) -> tuple[torch.Tensor,
-                                                                                    ...]:
+def _transposed_parts(layout: BlockLayout, parts: Sequence[torch.Tensor],
+                      gather: GatherIndex) -> tuple[torch.Tensor, ...]:
     """One group's parts as :func:`_propagate_transposed` applies them, made once for all the
-    hops of a backward pass: the band transposed, and the entries of every global query zeroed
-    in band, global keys and random keys (its row of ``A`` is the global row)."""
+    hops of a backward pass: the band transposed, the entries of every global query zeroed in
+    band and global keys (its row of ``A`` is the global row; it has no random keys), and the
+    random keys in the order of the keys they gather."""
     band_attn, global_attn, random_attn, rows = parts
     batch, glob = global_attn.shape[0], layout.globals
     band = band_transpose(layout.geometry, band_attn)
     band.view(batch, -1).index_fill_(1, layout.transposed_global_queries, 0)
-    return band, global_attn.index_fill(1, glob, 0), random_attn.index_fill(1, glob, 0), rows
+    return band, global_attn.index_fill(1, glob, 0), random_attn[gather.by_key], rows
 
 
 def _propagate_transposed(layout: BlockLayout, parts: Sequence[torch.Tensor], g: torch.Tensor,
@@ -283,8 +283,8 @@ def _propagate_transposed(layout: BlockLayout, parts: Sequence[torch.Tensor], g:
     glob = layout.globals
     chunks = g.reshape(batch * layout.num_blocks, layout.geometry.block, dim)
     out = band_apply(layout.geometry.transposed, band, chunks).view(batch, padded, dim)
-    out += gather.scatter_sum(random_attn.reshape(batch * padded, -1),
-                              g.reshape(batch * padded, dim)).view(batch, padded, dim)
+    out += gather.scatter_sum_by_key(random_attn,
+                                     g.reshape(batch * padded, dim)).view(batch, padded, dim)
     out.index_add_(1, glob, global_attn.transpose(1, 2) @ g)
     return out.baddbmm_(rows.transpose(1, 2), g[:, glob])
 
@@ -299,10 +299,10 @@ def _attention_grads(layout: BlockLayout, g: torch.Tensor, z: torch.Tensor,
     chunks = (batch * layout.num_blocks, layout.geometry.block, features)
     band = band_scores(layout.geometry, g.reshape(chunks), z.reshape(chunks))
     random = gather.gather_dot(g.reshape(batch * padded, features),
-                               z.reshape(batch * padded, features)).view(batch, padded, -1)
+                               z.reshape(batch * padded, features))
     to_globals = g @ z[:, glob].transpose(1, 2)
-    for grad in (band.view(batch, padded, -1), to_globals, random):  # the global rows replaced
-        grad.index_fill_(1, glob, 0)                                  # the global queries' parts
+    for grad in (band.view(batch, padded, -1), to_globals):  # the global rows replaced the
+        grad.index_fill_(1, glob, 0)                          # global queries' parts
     return band, to_globals, random, rows
 
 
@@ -317,6 +317,7 @@ class _Group:
     layout: BlockLayout
     rows: torch.Tensor  # (count * n,) positions in the packed tokens
     count: int
+    first: int | None  # where the rows start when they are consecutive (no index needed)
     gathers: dict[int, GatherIndex] = field(default_factory=dict)
 
     def gather(self, batch: int) -> GatherIndex:
@@ -344,11 +345,13 @@ class BlockPlan:
         by_length: dict[int, list[int]] = {}
         for index, n in enumerate(lengths):
             by_length.setdefault(n, []).append(index)
-        self.groups = [
-            _Group(_layout_on(n, spec, device),
-                   torch.from_numpy(np.concatenate([np.arange(starts[i], starts[i] + n)
-                                                    for i in members])).to(device), len(members))
-            for n, members in by_length.items()]
+        self.groups = []
+        for n, members in by_length.items():
+            rows = np.concatenate([np.arange(starts[i], starts[i] + n) for i in members])
+            consecutive = bool((np.diff(rows) == 1).all())
+            self.groups.append(_Group(_layout_on(n, spec, device),
+                                      torch.from_numpy(rows).to(device), len(members),
+                                      int(rows[0]) if consecutive else None))
         self.num_tokens = int(sum(lengths))
 
     def _slabs(self, x: torch.Tensor, heads: int) -> list[torch.Tensor]:
@@ -363,18 +366,30 @@ class BlockPlan:
         slabs = []
         for group in self.groups:
             n, padded = group.layout.n, group.layout.padded
-            rows = x.index_select(0, group.rows).view(group.count, n, heads, dim)
-            rows = F.pad(rows, (0, 0, 0, 0, 0, padded - n)).permute(0, 2, 1, 3)
-            slabs.append(rows.reshape(-1, dim))
+            if group.first is None:
+                rows = x.index_select(0, group.rows)
+            elif group.rows.numel() < x.shape[0]:
+                rows = x.narrow(0, group.first, group.rows.numel())
+            else:  # the group holds every token in order
+                rows = x
+            rows = rows.view(group.count, n, heads, dim)
+            if padded > n:
+                rows = F.pad(rows, (0, 0, 0, 0, 0, padded - n))
+            slabs.append(rows.permute(0, 2, 1, 3).reshape(-1, dim))
         return slabs[0] if len(slabs) == 1 else torch.cat(slabs)
 
     def leave(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         """The plan layout ``(rows, D)`` -> packed ``(N, H, D)``."""
         dim = x.shape[-1]
+        tokens = [slab.view(group.count, heads, -1, dim)[:, :, :group.layout.n].permute(0, 2, 1, 3)
+                  .reshape(-1, heads, dim) for group, slab in zip(self.groups,
+                                                                  self._slabs(x, heads),
+                                                                  strict=True)]
+        if len(self.groups) == 1 and self.groups[0].first == 0:
+            return tokens[0]  # one group holding every token in order
         out = x.new_empty(self.num_tokens, heads, dim)
-        for group, slab in zip(self.groups, self._slabs(x, heads), strict=True):
-            rows = slab.view(group.count, heads, -1, dim)[:, :, :group.layout.n]
-            out = out.index_copy(0, group.rows, rows.permute(0, 2, 1, 3).reshape(-1, heads, dim))
+        for group, rows in zip(self.groups, tokens, strict=True):
+            out = out.index_copy(0, group.rows, rows)
         return out
 
     def attention(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -407,8 +422,9 @@ class BlockPlan:
 
     def transposed(self, attention: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """What :meth:`propagate_transposed` applies ``A^T`` from (no autograd)."""
-        return tuple(part for i, group in enumerate(self.groups) for part in _transposed_parts(
-            group.layout, attention[PARTS * i:PARTS * (i + 1)]))
+        heads = attention[1].shape[0] // self.groups[0].count
+        return tuple(part for group, parts, gather in self._per_group(attention, heads)
+                     for part in _transposed_parts(group.layout, parts, gather))
 
     def propagate_transposed(self, transposed: tuple[torch.Tensor, ...],
                              g: torch.Tensor) -> torch.Tensor:
