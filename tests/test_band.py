@@ -5,6 +5,7 @@ import torch
 from diffuser_graph.engines.band import (
     BandGeometry,
     band_apply_transposed,
+    band_scores,
     band_transpose,
     banded_apply,
     banded_scores,
@@ -50,6 +51,10 @@ def test_band_products_equal_dense_products(geometry, chunks):
     outside = torch.ones_like(scores, dtype=torch.bool)  # windows past either end of the stack
     outside[rows, column[rows, keys]] = False
     assert not scores[outside].any()
+    start = torch.randn(chunks, b, geometry.width, dtype=torch.float64, generator=gen)
+    total = start.clone()
+    assert band_scores(geometry, q, k, add_to=total) is total  # accumulated in place
+    torch.testing.assert_close(total, start + scores.view_as(start))
     dense_a = as_dense(geometry, a)
     torch.testing.assert_close(banded_apply(geometry, a, k).reshape(-1, dim),
                                dense_a @ k.reshape(-1, dim))

@@ -96,12 +96,18 @@ def _windows(geometry: BandGeometry, x: torch.Tensor) -> list[tuple[slice, torch
     return windows
 
 
-def band_scores(geometry: BandGeometry, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``q, k: (M, b, D) -> (M, b, width)``; 0 where the window runs past the stack."""
-    out = q.new_empty(q.shape[0], geometry.block, geometry.width)
+def band_scores(geometry: BandGeometry, q: torch.Tensor, k: torch.Tensor,
+                add_to: torch.Tensor | None = None) -> torch.Tensor:
+    """``q, k: (M, b, D) -> (M, b, width)``; 0 where the window runs past the stack. With
+    ``add_to``, the scores are added to it in place (inside the matmuls) and it is returned."""
+    if add_to is None:
+        out = q.new_empty(q.shape[0], geometry.block, geometry.width)
+        for chunks, keys in _windows(geometry, k):
+            torch.bmm(q[chunks], keys.transpose(1, 2), out=out[chunks])
+        return out
     for chunks, keys in _windows(geometry, k):
-        torch.bmm(q[chunks], keys.transpose(1, 2), out=out[chunks])
-    return out
+        add_to[chunks].baddbmm_(q[chunks], keys.transpose(1, 2))
+    return add_to
 
 
 def band_apply(geometry: BandGeometry, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

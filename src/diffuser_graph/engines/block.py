@@ -289,18 +289,22 @@ def _propagate_transposed(layout: BlockLayout, parts: Sequence[torch.Tensor], g:
     return out.baddbmm_(rows.transpose(1, 2), g[:, glob])
 
 
-def _attention_grads(layout: BlockLayout, g: torch.Tensor, z: torch.Tensor,
-                     gather: GatherIndex) -> tuple[torch.Tensor, ...]:
+def _attention_grads(layout: BlockLayout, g: torch.Tensor, z: torch.Tensor, gather: GatherIndex,
+                     add_to: Sequence[torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """The gradient of each attention part of one group from ``g``, the gradients of ``A z``, and
-    ``z``, the inputs of ``A``: ``(B, padded, F)`` each, several hops stacked along ``F``."""
+    ``z``, the inputs of ``A``: ``(B, padded, Dv)`` each; added to the parts of ``add_to`` (in
+    place where the kernel allows) when given, so the hops of a backward pass accumulate."""
     batch, padded, features = g.shape
     glob = layout.globals
-    rows = g[:, glob] @ z.transpose(1, 2)  # (B, G, padded)
+    band, to_globals, random, rows = add_to if add_to is not None else (None,) * PARTS
     chunks = (batch * layout.num_blocks, layout.geometry.block, features)
-    band = band_scores(layout.geometry, g.reshape(chunks), z.reshape(chunks))
+    band = band_scores(layout.geometry, g.reshape(chunks), z.reshape(chunks), band)
     random = gather.gather_dot(g.reshape(batch * padded, features),
-                               z.reshape(batch * padded, features))
-    to_globals = g @ z[:, glob].transpose(1, 2)
+                               z.reshape(batch * padded, features), random)
+    global_keys = z[:, glob].transpose(1, 2)
+    to_globals = g @ global_keys if to_globals is None else to_globals.baddbmm_(g, global_keys)
+    z = z.transpose(1, 2)
+    rows = g[:, glob] @ z if rows is None else rows.baddbmm_(g[:, glob], z)  # (B, G, padded)
     for grad in (band.view(batch, padded, -1), to_globals):  # the global rows replaced the
         grad.index_fill_(1, glob, 0)                          # global queries' parts
     return band, to_globals, random, rows
@@ -435,13 +439,15 @@ class BlockPlan:
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def attention_grads(self, attention: tuple[torch.Tensor, ...], g: torch.Tensor,
-                        z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                        z: torch.Tensor,
+                        add_to: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
         """The gradients of the attention parts from ``g`` (gradients of ``A z``) and ``z``, in
-        the plan layout with several hops stacked along the features."""
+        the plan layout; added to ``add_to`` (earlier hops' gradients) when given."""
         heads = attention[1].shape[0] // self.groups[0].count
-        return tuple(grad for group, _, gather, g_slab, z_slab in self._per_group(
-            attention, heads, g, z) for grad in _attention_grads(group.layout, g_slab, z_slab,
-                                                                 gather))
+        return tuple(grad for i, (group, _, gather, g_slab, z_slab) in enumerate(self._per_group(
+            attention, heads, g, z)) for grad in _attention_grads(
+                group.layout, g_slab, z_slab, gather,
+                None if add_to is None else add_to[PARTS * i:PARTS * (i + 1)]))
 
     def edge_attention(self, attention: tuple[torch.Tensor, ...]) -> torch.Tensor:
         raise ValueError("the block engine holds attention in blocks, not per edge; use the "
@@ -450,21 +456,16 @@ class BlockPlan:
 
 class _Diffusion(torch.autograd.Function):
     """``sum_k theta_k A^k v`` (Horner, dropout on every ``A z``) whose backward runs the adjoint
-    series: the gradient flows back through ``A^T`` hop by hop, and the gradient of ``A`` is
-    taken once for all hops, with the hops' inputs and gradients stacked along the features
-    (one band product, one sampled product instead of K). Each hop writes its input, and the
-    backward pass each hop's gradient, straight into its columns of one ``(rows, K Dv)`` buffer,
-    so no hop's tensor outlives its hop and nothing is concatenated."""
+    series: the gradient flows back through ``A^T`` hop by hop, and each hop adds its part of the
+    gradient of ``A`` (its gradient against its input) to the others' inside the matmuls, so
+    nothing is stacked or concatenated and no hop's gradient outlives its hop."""
 
     @staticmethod
     def forward(ctx: Any, plan: BlockPlan, diffusion: Diffusion, dropout: tuple[float, bool],
                 v: torch.Tensor, *attention: torch.Tensor) -> torch.Tensor:
         hop_dropout, after_mix = dropout
-        width = v.shape[-1]
         # the hops' inputs serve only the gradient of A: not kept in inference or for v alone
-        inputs = (v.new_empty(v.shape[0], diffusion.hops * width)
-                  if any(ctx.needs_input_grad[4:]) else None)
-        hops_done = 0
+        inputs: list[torch.Tensor] | None = [] if any(ctx.needs_input_grad[4:]) else None
         kept: list[torch.Tensor] = []
 
         def drop(z: torch.Tensor) -> torch.Tensor:
@@ -473,27 +474,26 @@ class _Diffusion(torch.autograd.Function):
             return z * keep / (1 - hop_dropout)
 
         def hop(z: torch.Tensor) -> torch.Tensor:
-            nonlocal hops_done
             if inputs is not None:
-                inputs[:, hops_done * width:(hops_done + 1) * width] = z
-            hops_done += 1
+                inputs.append(z)
             out = plan.propagate(attention, z)
             return drop(out) if hop_dropout and not after_mix else out
 
         out = diffusion.apply(hop, v, drop if hop_dropout and after_mix else None)
         ctx.plan, ctx.diffusion, ctx.hop_dropout = plan, diffusion, hop_dropout
         ctx.after_mix = after_mix
-        ctx.parts = len(attention)
-        ctx.save_for_backward(inputs, *attention, *kept)
+        ctx.parts, ctx.inputs = len(attention), inputs is not None
+        ctx.save_for_backward(*attention, *(inputs or ()), *kept)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        inputs, *saved = ctx.saved_tensors
-        attention, kept = tuple(saved[:ctx.parts]), saved[ctx.parts:]
         theta, hops = ctx.diffusion.coefficients, ctx.diffusion.hops
-        width = grad.shape[-1]
-        hop_grads = None if inputs is None else torch.empty_like(inputs)
+        saved = ctx.saved_tensors
+        attention = tuple(saved[:ctx.parts])
+        inputs = saved[ctx.parts:ctx.parts + hops] if ctx.inputs else None
+        kept = saved[ctx.parts + hops * ctx.inputs:]
+        attention_grads = None
         grad_v = torch.zeros_like(grad)
         transposed = ctx.plan.transposed(attention)
         for index in reversed(range(hops)):  # hop `index` added theta[hops - 1 - index] * v
@@ -503,10 +503,9 @@ class _Diffusion(torch.autograd.Function):
                 grad_v.add_(grad, alpha=theta[hops - 1 - index])
             if kept and not ctx.after_mix:
                 grad = grad * kept[index] / (1 - ctx.hop_dropout)
-            if hop_grads is not None:
-                hop_grads[:, index * width:(index + 1) * width] = grad
+            if inputs is not None:
+                attention_grads = ctx.plan.attention_grads(attention, grad, inputs[index],
+                                                           attention_grads)
             grad = ctx.plan.propagate_transposed(transposed, grad)
         grad_v.add_(grad, alpha=theta[-1])
-        attention_grads = (ctx.plan.attention_grads(attention, hop_grads, inputs)
-                           if hop_grads is not None else None)
         return (None, None, None, grad_v, *(attention_grads or (None,) * ctx.parts))

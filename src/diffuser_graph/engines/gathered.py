@@ -80,17 +80,13 @@ class GatherIndex:
         return values.new_full((batch * n * width,), fill).index_copy(
             0, self.position, values).view(batch * n, width)
 
-    def pattern(self, dtype: torch.dtype) -> torch.Tensor:
-        """The CSR pattern ``(batch, n, rows)`` with zero values (made once per dtype)."""
-        if dtype not in self.patterns:
-            batch, n, rows, _ = self.shape
-            with warnings.catch_warnings():  # torch calls its CSR support "beta" at every tensor
-                warnings.simplefilter("ignore", UserWarning)
-                self.patterns[dtype] = torch.sparse_csr_tensor(
-                    self.crow, self.col,
-                    torch.zeros(self.col.shape, dtype=dtype, device=self.col.device),
-                    (batch, n, rows))
-        return self.patterns[dtype]
+    def pattern(self, values: torch.Tensor) -> torch.Tensor:
+        """The CSR matrix ``(batch, n, rows)`` holding ``values: (E,)`` on the gather's entries."""
+        batch, n, rows, _ = self.shape
+        with warnings.catch_warnings():  # torch calls its CSR support "beta" at every tensor
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(self.crow, self.col, values.view(batch, -1),
+                                           (batch, n, rows))
 
     def gather_sum(self, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """``out[i] = sum weights[e] table[key[e]]`` over query ``i``'s entries:
@@ -109,15 +105,22 @@ class GatherIndex:
         return F.embedding_bag(self.key_queries, values, self.key_offsets, mode="sum",
                                per_sample_weights=weights)
 
-    def gather_dot(self, queries: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    def gather_dot(self, queries: torch.Tensor, table: torch.Tensor,
+                   add_to: torch.Tensor | None = None) -> torch.Tensor:
         """``queries[row[e]] . table[key[e]]``: ``(batch * n, D), (M, D) -> (E,)`` as a sampled
-        matrix product (SDDMM)."""
+        matrix product (SDDMM); plus ``add_to: (E,)`` if given (in the same kernel)."""
         batch, n, rows, _ = self.shape
         dim = queries.shape[1]
-        return torch.sparse.sampled_addmm(self.pattern(queries.dtype),
-                                          queries.view(batch, n, dim),
+        if add_to is None:
+            if queries.dtype not in self.patterns:
+                self.patterns[queries.dtype] = self.pattern(
+                    queries.new_zeros(self.col.numel()))
+            start, beta = self.patterns[queries.dtype], 0.0
+        else:
+            start, beta = self.pattern(add_to), 1.0
+        return torch.sparse.sampled_addmm(start, queries.view(batch, n, dim),
                                           table.view(batch, rows, dim).transpose(1, 2),
-                                          beta=0.0).values().flatten()
+                                          beta=beta).values().flatten()
 
 
 DOT: Rules = (GatherIndex.gather_dot,  # s = q . k[key]: dq = s' k[key], dk = scatter s' q
