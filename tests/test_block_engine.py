@@ -155,8 +155,9 @@ def test_gathered_products_match_plain_gathers_and_pass_gradcheck():
 
     torch.testing.assert_close(gathered.gather_dot(q, k, index), plain_dot(q, k))
     flat_q, flat_k = q.detach().reshape(18, 3), k.detach().reshape(14, 3)
-    torch.testing.assert_close(index.gather_dot(flat_q, flat_k, add_to=a.detach()),
-                               plain_dot(q, k).detach() + a.detach())
+    total = a.detach().clone()
+    assert index.gather_dot(flat_q, flat_k, add_to=total) is total  # accumulated in place
+    torch.testing.assert_close(total, plain_dot(q, k).detach() + a.detach())
     torch.testing.assert_close(gathered.gather_sum(a, k, index), plain_sum(a, k))
     assert torch.autograd.gradcheck(lambda q, k: gathered.gather_dot(q, k, index), (q, k))
     assert torch.autograd.gradcheck(lambda a, k: gathered.gather_sum(a, k, index), (a, k))

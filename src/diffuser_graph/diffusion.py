@@ -25,8 +25,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Annotated, Any, Protocol, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar, cast
 
+import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .checks import Float, Int
@@ -123,7 +124,9 @@ class Diffusion(BaseModel):
         z = v if theta[-1] == 1 else theta[-1] * v
         for weight in reversed(theta[:-1]):
             z = propagate(z)
-            if weight:
+            if weight and isinstance(z, torch.Tensor):  # one pass, no temporary weight * v
+                z = cast(Z, z.add(cast(torch.Tensor, v), alpha=weight))
+            elif weight:
                 z = z + weight * v
             if after_mix is not None:
                 z = after_mix(z)

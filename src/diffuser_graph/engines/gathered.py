@@ -108,19 +108,19 @@ class GatherIndex:
     def gather_dot(self, queries: torch.Tensor, table: torch.Tensor,
                    add_to: torch.Tensor | None = None) -> torch.Tensor:
         """``queries[row[e]] . table[key[e]]``: ``(batch * n, D), (M, D) -> (E,)`` as a sampled
-        matrix product (SDDMM); plus ``add_to: (E,)`` if given (in the same kernel)."""
+        matrix product (SDDMM). With ``add_to: (E,)``, the products are added to it in place (in
+        the same kernel) and it is returned."""
         batch, n, rows, _ = self.shape
         dim = queries.shape[1]
-        if add_to is None:
-            if queries.dtype not in self.patterns:
-                self.patterns[queries.dtype] = self.pattern(
-                    queries.new_zeros(self.col.numel()))
-            start, beta = self.patterns[queries.dtype], 0.0
-        else:
-            start, beta = self.pattern(add_to), 1.0
-        return torch.sparse.sampled_addmm(start, queries.view(batch, n, dim),
-                                          table.view(batch, rows, dim).transpose(1, 2),
-                                          beta=beta).values().flatten()
+        queries, keys = queries.view(batch, n, dim), table.view(batch, rows, dim).transpose(1, 2)
+        if add_to is not None:
+            into = self.pattern(add_to)  # its values are add_to's storage
+            torch.sparse.sampled_addmm(into, queries, keys, beta=1.0, out=into)
+            return add_to
+        if queries.dtype not in self.patterns:
+            self.patterns[queries.dtype] = self.pattern(queries.new_zeros(self.col.numel()))
+        return torch.sparse.sampled_addmm(self.patterns[queries.dtype], queries, keys,
+                                          beta=0.0).values().flatten()
 
 
 DOT: Rules = (GatherIndex.gather_dot,  # s = q . k[key]: dq = s' k[key], dk = scatter s' q
