@@ -385,10 +385,10 @@ class BlockPlan:
     def leave(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         """The plan layout ``(rows, D)`` -> packed ``(N, H, D)``."""
         dim = x.shape[-1]
-        tokens = [slab.view(group.count, heads, -1, dim)[:, :, :group.layout.n].permute(0, 2, 1, 3)
-                  .reshape(-1, heads, dim) for group, slab in zip(self.groups,
-                                                                  self._slabs(x, heads),
-                                                                  strict=True)]
+        tokens = []
+        for group, slab in zip(self.groups, self._slabs(x, heads), strict=True):
+            rows = slab.view(group.count, heads, -1, dim)[:, :, :group.layout.n]
+            tokens.append(rows.permute(0, 2, 1, 3).reshape(-1, heads, dim))
         if len(self.groups) == 1 and self.groups[0].first == 0:
             return tokens[0]  # one group holding every token in order
         out = x.new_empty(self.num_tokens, heads, dim)
