@@ -62,6 +62,19 @@ def test_band_products_equal_dense_products(geometry, chunks):
                                dense_a.T @ q.reshape(-1, dim))
 
 
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
+def test_band_products_of_strided_inputs_equal_those_of_contiguous_ones(geometry):
+    gen = torch.Generator().manual_seed(1)
+    b, chunks = geometry.block, 3
+    wide = torch.randn(chunks, b, 5, dtype=torch.float64, generator=gen)
+    strided = wide[..., 1:4]  # rows of 3 features, 5 apart
+    a = torch.randn(chunks, b, geometry.width, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(band_scores(geometry, strided, strided),
+                               band_scores(geometry, strided.contiguous(), strided.contiguous()))
+    torch.testing.assert_close(banded_apply(geometry, a, strided),
+                               banded_apply(geometry, a, strided.contiguous()))
+
+
 @pytest.mark.parametrize("chunks", [1, 2, 5])
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
 def test_the_transposed_band_is_the_band_of_the_transpose(geometry, chunks):

@@ -50,6 +50,21 @@ def test_block_equals_dgl_and_dense_reference(pattern, kwargs):
                                rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("lengths", [[64], [64, 64], [40, 64, 40]])
+def test_one_head_sliced_out_of_several_gives_that_heads_result(lengths):
+    # A head sliced from (N, H, D) is strided: the plan layout must not keep those strides
+    # (band windows are strided views that assume contiguous rows).
+    spec = PATTERNS["window+global+random"][1]
+    q, k, v = qkv(sum(lengths), heads=3)
+    batch = block(lengths, spec)
+    whole = diffusion_attention(batch, q, k, v, alpha=0.1, hops=3)
+    for head in range(3):
+        one = slice(head, head + 1)
+        torch.testing.assert_close(
+            diffusion_attention(batch, q[:, one], k[:, one], v[:, one], alpha=0.1, hops=3),
+            whole[:, one], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("needs_grad", ["q", "v"])
 def test_gradients_reach_an_input_alone_when_only_it_needs_one(needs_grad):
     n, spec = PATTERNS["window+global+random"]

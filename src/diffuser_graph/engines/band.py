@@ -78,7 +78,7 @@ def _windows(geometry: BandGeometry, x: torch.Tensor) -> list[tuple[slice, torch
     pairs covering every chunk: a strided view of ``x`` for the chunks whose window lies inside
     the stack, zero-padded copies for the few at either end."""
     count, b, dim = x.shape
-    flat = x.reshape(count * b, dim)
+    flat = x.reshape(count * b, dim).contiguous()  # the views below assume contiguous rows
     first = min(count, math.ceil(geometry.left / b))  # windows that start before row 0
     last = max(first, count - math.ceil(geometry.right / b))  # from here, end past the last
     windows = []

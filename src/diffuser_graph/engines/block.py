@@ -379,7 +379,9 @@ class BlockPlan:
             rows = rows.view(group.count, n, heads, dim)
             if padded > n:
                 rows = F.pad(rows, (0, 0, 0, 0, 0, padded - n))
-            slabs.append(rows.permute(0, 2, 1, 3).reshape(-1, dim))
+            # contiguous even where reshape could keep a view (one head sliced out of several):
+            # the band products read windows as strided views of contiguous rows
+            slabs.append(rows.permute(0, 2, 1, 3).reshape(-1, dim).contiguous())
         return slabs[0] if len(slabs) == 1 else torch.cat(slabs)
 
     def leave(self, x: torch.Tensor, heads: int) -> torch.Tensor:
