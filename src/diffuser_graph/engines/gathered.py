@@ -32,10 +32,10 @@ class GatherIndex:
 
     Entry ``e`` (of ``E``, packed query after query) belongs to query ``row[e]``, sits at
     ``position[e]`` of the flattened rectangular ``(batch * n, R)`` layout and gathers row
-    ``key[e]`` of the stacked table; query
-    ``i``'s entries start at ``offsets[i]``. ``by_key`` orders the entries by the row they gather,
-    ``key_queries`` is the query of each entry in that order and ``key_offsets[j]`` where row
-    ``j``'s entries start in it.
+    ``key[e]`` of the stacked table; query ``i``'s entries start at ``offsets[i]``. ``by_key``
+    orders the entries by the row they gather, ``key_queries`` is the query of each entry in that
+    order and ``key_offsets[j]`` where row ``j``'s entries start in it. ``patterns`` caches the
+    zero-valued CSR pattern per dtype.
     """
 
     row: torch.Tensor
