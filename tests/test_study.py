@@ -126,6 +126,18 @@ def test_numeric_grid_keys_get_a_curve_with_error_bars(tmp_path):
     assert (tmp_path / "study" / "tiny-hops.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_mapping_grid_values_are_summarised_by_their_json_text(tmp_path):
+    patterns = [{"window": 2}, {"window": 2, "num_global": 1}]
+    s = study(tmp_path, grid={"model.pattern": patterns}, seeds=[0, 1])
+    launch, _ = fake_launcher(lambda run: 0.5 + 0.1 * len(run.point[0][1]) + 0.01 * run.seed)
+    table = run_study(s, launcher=launch, progress=False)
+    assert list(table["model.pattern"]) == ['{"window": 2}', '{"window": 2, "num_global": 1}']
+    assert list(table["mean"]) == pytest.approx([0.605, 0.705])
+    markdown = (tmp_path / "study" / "summary.md").read_text()
+    assert '| pattern={"window": 2, "num_global": 1} | 0.7050 ± 0.0071 | 2 |' in markdown
+    assert not (tmp_path / "study" / "tiny-pattern.png").exists()  # no curve for mappings
+
+
 def test_the_shipped_studies_expand_and_validate():
     from diffuser_graph.study import check_runs
 

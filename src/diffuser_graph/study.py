@@ -225,6 +225,12 @@ def _metric(results: dict, metric: str) -> tuple[str, float]:
     return metric, float(test[metric])
 
 
+def _cell(value: Any) -> Any:
+    """A grid value as a table cell: numbers and strings as they are, a mapping or list (a
+    pattern, say) as its JSON text, so runs group by it."""
+    return json.dumps(value) if isinstance(value, (dict, list)) else value
+
+
 def collect(study: StudyConfig, runs: Sequence[Run]) -> pd.DataFrame:
     """One row per finished run: config, grid values, seed, metric, steps/s, best step."""
     rows = []
@@ -235,7 +241,8 @@ def collect(study: StudyConfig, runs: Sequence[Run]) -> pd.DataFrame:
         results = json.loads(path.read_text())
         name, value = _metric(results, study.metric)
         speed = results.get("speed") or {}
-        rows.append({"config": run.config.stem, **dict(run.point), "seed": run.seed,
+        rows.append({"config": run.config.stem,
+                     **{key: _cell(value) for key, value in run.point}, "seed": run.seed,
                      "metric": name, "value": value, "val_value": results["val"].get(name),
                      "steps_per_s": speed.get("train_steps_per_s"),
                      "best_step": results["best_step"]})
