@@ -28,6 +28,7 @@ from diffuser_graph import (  # noqa: E402
     DiffuserAttention,
     Diffusion,
     PackedBatch,
+    PatternSpec,
     build_graph,
 )
 
@@ -45,7 +46,8 @@ from measure import (  # noqa: E402
 
 PRESETS = {  # the settings of the speed issues' tables
     "peers": dict(hidden=256, heads=4, lengths=[2048, 4096, 8192, 16384], pattern="window32+2g+3r",
-                  impls=["diffuser", "sparse", "bigbird", "longformer", "transformerconv", "sdpa"],
+                  impls=["diffuser", "diffuser_causal", "sparse", "bigbird", "longformer",
+                         "transformerconv", "sdpa"],
                   block_size=32),
     "official": dict(hidden=768, heads=12, lengths=[4096], pattern="official",
                      impls=["diffuser", "diffuser_recompute", "diffuser_dgl", "sdpa", "bigbird"],
@@ -56,10 +58,18 @@ RECOMPUTE_HEADS = 1  # diffuser_recompute: heads computed at a time, recomputed 
 LONGFORMER_GLOBALS = 2
 
 
-def diffuser_layer(case: dict, device: torch.device):
-    """Diffuser (K hops, ``auto`` or a named engine, or recomputing one head at a time in
-    backward), one-hop sparse, or dense SDPA (``full``)."""
+def layer_pattern(case: dict) -> PatternSpec:
+    """The case's pattern; ``diffuser_causal`` keeps only its edges to earlier tokens."""
     spec = PATTERNS[case["pattern"]]
+    if case["impl"] == "diffuser_causal":
+        return PatternSpec(**{**spec.model_dump(), "causal": True})
+    return spec
+
+
+def diffuser_layer(case: dict, device: torch.device):
+    """Diffuser (K hops, ``auto`` or a named engine, recomputing one head at a time in backward,
+    or on the causal pattern), one-hop sparse, or dense SDPA (``full``)."""
+    spec = layer_pattern(case)
     impl = case["impl"]
     attention = {"sparse": "sparse", "sdpa": "full"}.get(impl, "diffuser")
     engine = "dgl" if impl == "diffuser_dgl" else "auto"
@@ -72,7 +82,8 @@ def diffuser_layer(case: dict, device: torch.device):
     edges = build_graph(case["n"], spec).num_edges()
     keys = case["n"] if attention == "full" else edges / case["n"]
     engine_name = batch.engine_name + (f", recompute {RECOMPUTE_HEADS} head"
-                                       if impl == "diffuser_recompute" else "")
+                                       if impl == "diffuser_recompute" else "") + (
+        ", causal" if spec.causal else "")
     info = {"engine": "sdpa (4-D)" if attention == "full" else engine_name,
             "keys_per_query": keys, "hops_per_layer": 1 if attention != "diffuser" else
             case["hops"]}
@@ -140,6 +151,7 @@ def transformerconv_layer(case: dict, device: torch.device):
 
 
 LAYERS = {"diffuser": diffuser_layer, "diffuser_dgl": diffuser_layer,
+          "diffuser_causal": diffuser_layer,
           "diffuser_recompute": diffuser_layer, "sparse": diffuser_layer,
           "sdpa": diffuser_layer, "bigbird": bigbird_layer, "longformer": longformer_layer,
           "transformerconv": transformerconv_layer}
@@ -184,6 +196,10 @@ def add_ratios(rows: list[dict]) -> None:
     """Each row's time and memory relative to dense SDPA and to each peer at the same n."""
     done = [r for r in rows if "error" not in r]
     for row in done:
+        for other in done:  # the causal pattern against the same layer on the full pattern
+            if row["impl"] == "diffuser_causal" and other["impl"] == "diffuser" and (
+                    other["n"] == row["n"]):
+                row["time_vs_noncausal"] = row["forward_backward_s"] / other["forward_backward_s"]
         for other in done:
             if other["n"] == row["n"] and other["impl"] in ("sdpa", "bigbird", "longformer"):
                 row[f"time_vs_{other['impl']}"] = (row["forward_backward_s"]
@@ -216,6 +232,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{r['forward_s']:.4f} | {r['forward_backward_s']:.4f} | {ratio(r, 'time_vs_sdpa')} | "
             f"{ratio(r, 'time_vs_bigbird')} | {ratio(r, 'time_vs_longformer')} | "
             f"{r['peak_memory_bytes'] / 2**20:.0f} | {ratio(r, 'memory_vs_sdpa')} |")
+    causal = [f"{r['time_vs_noncausal']:.2f}× at {r['n']}" for r in rows
+              if "time_vs_noncausal" in r]
+    if causal:
+        lines += ["", "Diffuser on the causal pattern (edges to earlier tokens only), forward+"
+                  "backward time against the same layer on the full pattern: "
+                  + ", ".join(causal) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -53,8 +53,9 @@ def layer_case(impl, n=256, pattern="window32+2g+3r"):
                 device="cpu", threads=1, repeats=1, budget_s=0.01)
 
 
-@pytest.mark.parametrize("impl", ["diffuser", "diffuser_dgl", "diffuser_recompute", "sparse",
-                                  "sdpa", "bigbird", "longformer", "transformerconv"])
+@pytest.mark.parametrize("impl", ["diffuser", "diffuser_dgl", "diffuser_recompute",
+                                  "diffuser_causal", "sparse", "sdpa", "bigbird", "longformer",
+                                  "transformerconv"])
 def test_every_layer_maps_hidden_states_and_reports_its_pattern(impl):
     pytest.importorskip(layers.PEERS.get(impl, "torch"))
     case = layer_case(impl)
@@ -72,6 +73,11 @@ def test_every_layer_maps_hidden_states_and_reports_its_pattern(impl):
         assert info["keys_per_query"] == edges / case["n"]  # the same graph for all of them
     if impl == "diffuser_dgl":
         assert info["engine"] == "dgl"
+    if impl == "diffuser_causal":
+        assert info["engine"] == "block, causal" and info["keys_per_query"] < edges / case["n"]
+        later = x.detach().clone()
+        later[-1] += 1.0  # the last token changes: no earlier output may
+        torch.testing.assert_close(forward(later)[:-1], out[:-1].detach(), rtol=0, atol=0)
 
 
 def test_diffuser_layer_on_the_dgl_engine_equals_the_auto_engine():
@@ -102,6 +108,10 @@ def test_layer_suite_writes_ratios_and_names_missing_peers(tmp_path, monkeypatch
     assert by_impl["diffuser"]["time_vs_bigbird"] > 0 and by_impl["diffuser"]["memory_vs_sdpa"] >= 0
     table = (tmp_path / "layers-peers.md").read_text()
     assert "| 256 | diffuser | block |" in table and "| 256 | longformer |" in table
+    causal = by_impl["diffuser_causal"]
+    assert causal["time_vs_noncausal"] == pytest.approx(
+        causal["forward_backward_s"] / by_impl["diffuser"]["forward_backward_s"])
+    assert f"{causal['time_vs_noncausal']:.2f}× at 256" in table
 
 
 TRAINING_SCRIPT = SCRIPT.with_name("training.py")
