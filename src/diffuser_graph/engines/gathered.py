@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .native import gathered_dot
 from .products import Rules, product
 
 
@@ -32,7 +33,8 @@ class GatherIndex:
 
     Entry ``e`` (of ``E``, packed query after query) belongs to query ``row[e]``, sits at
     ``position[e]`` of the flattened rectangular ``(batch * n, R)`` layout and gathers row
-    ``key[e]`` of the stacked table; query ``i``'s entries start at ``offsets[i]``. ``by_key``
+    ``key[e]`` of the stacked table; query ``i``'s entries are ``bounds[i] <= e < bounds[i + 1]``
+    (``offsets`` is ``bounds`` without its last value, the count E). ``by_key``
     orders the entries by the row they gather, ``key_queries`` is the query of each entry in that
     order and ``key_offsets[j]`` where row ``j``'s entries start in it. ``patterns`` caches the
     zero-valued CSR pattern per dtype.
@@ -41,7 +43,7 @@ class GatherIndex:
     row: torch.Tensor
     position: torch.Tensor
     key: torch.Tensor
-    offsets: torch.Tensor
+    bounds: torch.Tensor
     by_key: torch.Tensor
     key_queries: torch.Tensor
     key_offsets: torch.Tensor
@@ -61,14 +63,20 @@ class GatherIndex:
         table = torch.arange(batch, device=keys.device).view(batch, 1)
         row = (query + table * n).flatten()
         key = (keys[query, column] + table * rows).flatten()
-        offsets = torch.cumsum(counts, 0) - counts
+        starts = torch.cumsum(counts, 0) - counts
         by_key = torch.argsort(key, stable=True)
         key_counts = torch.bincount(key, minlength=batch * rows)
         crow = F.pad(torch.cumsum(counts, 0), (1, 0))
         return cls(row, row * width + column.repeat(batch),
-                   key, (offsets + table * per_table).flatten(), by_key, row[by_key],
+                   key, F.pad((starts + table * per_table).flatten(), (0, 1), value=row.numel()),
+                   by_key, row[by_key],
                    torch.cumsum(key_counts, 0) - key_counts, crow.expand(batch, -1).contiguous(),
                    keys[query, column].expand(batch, -1).contiguous(), (batch, n, rows, width))
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """``(batch * n,)`` where each query's entries start (``F.embedding_bag``'s offsets)."""
+        return self.bounds[:-1]
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """``(batch * n, R) -> (E,)``: the real entries of the rectangular layout."""
@@ -108,8 +116,12 @@ class GatherIndex:
     def gather_dot(self, queries: torch.Tensor, table: torch.Tensor,
                    add_to: torch.Tensor | None = None) -> torch.Tensor:
         """``queries[row[e]] . table[key[e]]``: ``(batch * n, D), (M, D) -> (E,)`` as a sampled
-        matrix product (SDDMM). With ``add_to: (E,)``, the products are added to it in place (in
-        the same kernel) and it is returned."""
+        matrix product (SDDMM), on the CPU by the compiled loop of :mod:`.native` where it is
+        available. With ``add_to: (E,)``, the products are added to it in place (in the same
+        kernel) and it is returned."""
+        products = gathered_dot(queries, table, self.bounds, self.key, add_to)
+        if products is not None:
+            return products
         batch, n, rows, _ = self.shape
         dim = queries.shape[1]
         queries, keys = queries.view(batch, n, dim), table.view(batch, rows, dim).transpose(1, 2)

@@ -1,0 +1,102 @@
+"""The compiled gathered-dot loop against torch's sampled_addmm path and a dense reference."""
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from diffuser_graph import PatternSpec
+from diffuser_graph.engines import native
+from diffuser_graph.engines.block import block_layout
+from diffuser_graph.engines.gathered import GatherIndex
+
+HAS_COMPILER = shutil.which("cc") is not None
+
+
+@pytest.fixture
+def fresh_library(monkeypatch, tmp_path):
+    """A library() that builds again, into an empty cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.library.cache_clear()
+    yield
+    native.library.cache_clear()
+
+
+def gather(heads=3, n=70):
+    layout = block_layout(n, PatternSpec(window=4, num_global=2, num_random=5, seed=3))
+    return GatherIndex.build(layout.random_keys, layout.random_mask, heads, layout.padded)
+
+
+def dense_dots(g, q, table):
+    """q[row[e]] . table[key[e]] one entry at a time."""
+    return torch.stack([q[r] @ table[k] for r, k in zip(g.row.tolist(), g.key.tolist(),
+                                                         strict=True)])
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+def test_the_loop_builds_where_a_compiler_is_found(fresh_library, tmp_path):
+    assert native.library() is not None
+    assert len(list((tmp_path / "diffuser-graph").glob("gathered_dot-*.so"))) == 1
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_it_equals_a_dense_reference_and_accumulates(monkeypatch, dtype, threads):
+    monkeypatch.setattr(native, "ENTRIES_PER_THREAD", 16)  # split even a small problem
+    torch.set_num_threads(threads)
+    try:
+        g = gather()
+        rows, tables = g.shape[0] * g.shape[1], g.shape[0] * g.shape[2]
+        q, table = torch.randn(rows, 8, dtype=dtype), torch.randn(tables, 8, dtype=dtype)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        got = native.gathered_dot(q, table, g.bounds, g.key)
+        torch.testing.assert_close(got, dense_dots(g, q, table), rtol=tol, atol=tol)
+        start = torch.randn_like(got)
+        total = native.gathered_dot(q, table, g.bounds, g.key, add_to=start.clone())
+        torch.testing.assert_close(total, start + got, rtol=tol, atol=tol)
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_the_gather_index_gives_the_same_products_with_and_without_it(monkeypatch):
+    g = gather()
+    q = torch.randn(g.shape[0] * g.shape[1], 8, dtype=torch.float64)
+    table = torch.randn(g.shape[0] * g.shape[2], 8, dtype=torch.float64)
+    compiled = g.gather_dot(q, table)
+    monkeypatch.setenv(native.SWITCH, "0")
+    native.library.cache_clear()
+    try:
+        assert native.gathered_dot(q, table, g.bounds, g.key) is None
+        torch.testing.assert_close(g.gather_dot(q, table), compiled, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(compiled, dense_dots(g, q, table), rtol=1e-12, atol=1e-12)
+    finally:
+        native.library.cache_clear()
+
+
+@pytest.mark.parametrize("compiler", ["/nonexistent/cc", "false"])
+def test_a_missing_or_failing_compiler_warns_and_falls_back(fresh_library, monkeypatch,
+                                                            compiler):
+    monkeypatch.setenv("CC", compiler)
+    with pytest.warns(UserWarning, match="sampled_addmm"):
+        assert native.library() is None
+    g = gather()
+    q = torch.randn(g.shape[0] * g.shape[1], 8, dtype=torch.float64)
+    table = torch.randn(g.shape[0] * g.shape[2], 8, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not at every product
+        torch.testing.assert_close(g.gather_dot(q, table), dense_dots(g, q, table))
+
+
+def test_no_compiler_on_the_path_warns(fresh_library, monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
+    with pytest.warns(UserWarning, match="no C compiler"):
+        assert native.library() is None
+
+
+def test_other_dtypes_and_devices_are_left_to_torch():
+    g = gather()
+    q = torch.randn(g.shape[0] * g.shape[1], 8, dtype=torch.bfloat16)
+    table = torch.randn(g.shape[0] * g.shape[2], 8, dtype=torch.bfloat16)
+    assert native.gathered_dot(q, table, g.bounds, g.key) is None
