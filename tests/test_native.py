@@ -74,10 +74,13 @@ def test_the_gather_index_gives_the_same_products_with_and_without_it(monkeypatc
         native.library.cache_clear()
 
 
-@pytest.mark.parametrize("compiler", ["/nonexistent/cc", "false"])
-def test_a_missing_or_failing_compiler_warns_and_falls_back(fresh_library, monkeypatch,
-                                                            compiler):
+@pytest.mark.parametrize("compiler,cache", [("/nonexistent/cc", None), ("false", None),
+                                            (shutil.which("cc") or "cc", "unwritable")])
+def test_a_failing_build_warns_and_falls_back(fresh_library, monkeypatch, tmp_path, compiler,
+                                              cache):
     monkeypatch.setenv("CC", compiler)
+    if cache:  # a file where the cache folder should be: the build cannot write there
+        (tmp_path / "diffuser-graph").write_text("")
     with pytest.warns(UserWarning, match="sampled_addmm"):
         assert native.library() is None
     g = gather()

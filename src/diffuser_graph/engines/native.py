@@ -52,6 +52,26 @@ def _cpu() -> str:
     return platform.machine() + flags
 
 
+def _build(compiler: str) -> Path:
+    """The shared library in the cache, compiled first if it is not there yet."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+                                     _cpu().encode()])).hexdigest()[:16]
+    path = cache_dir() / f"gathered_dot-{key}.so"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as build:  # concurrent builds each
+        built = Path(build) / path.name                              # rename a whole file
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+                              capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise subprocess.SubprocessError(done.stderr.strip()[-500:] or
+                                             f"exit status {done.returncode}")
+        os.replace(built, path)
+    return path
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled loop (built and cached on first use), or ``None`` where it cannot be."""
@@ -62,27 +82,12 @@ def library() -> ctypes.CDLL | None:
         warnings.warn("no C compiler (cc or $CC) found: the block engine's random keys use "
                       "torch.sparse.sampled_addmm, which is slower on the CPU", stacklevel=2)
         return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
-                                     _cpu().encode()])).hexdigest()[:16]
-    path = cache_dir() / f"gathered_dot-{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as build:  # concurrent builds
-            built = Path(build) / path.name                              # each rename whole
-            try:
-                done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)],
-                                      capture_output=True, text=True, timeout=120)
-                failed = done.returncode != 0 and (done.stderr.strip() or "no output")
-            except (OSError, subprocess.TimeoutExpired) as err:
-                failed = str(err)
-            if failed:
-                warnings.warn(f"compiling {SOURCE.name} with {compiler} failed ({failed}); the "
-                              "block engine's random keys use torch.sparse.sampled_addmm",
-                              stacklevel=2)
-                return None
-            os.replace(built, path)
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as err:
+        warnings.warn(f"building {SOURCE.name} with {compiler} failed ({err}); the block "
+                      "engine's random keys use torch.sparse.sampled_addmm", stacklevel=2)
+        return None
     pointer, int64 = ctypes.c_void_p, ctypes.c_int64
     for name, _ in FUNCTIONS.values():
         function = getattr(lib, name)
