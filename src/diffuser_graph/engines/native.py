@@ -34,8 +34,7 @@ FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-
          "-fno-trapping-math", "-shared", "-fPIC")
 SWITCH = "DIFFUSER_GRAPH_NATIVE"  # "0" turns the compiled loop off
 ENTRIES_PER_THREAD = 1 << 15  # below this many entries per thread, one thread does all
-FUNCTIONS = {torch.float32: ("gathered_dot_float", ctypes.c_float),
-             torch.float64: ("gathered_dot_double", ctypes.c_double)}
+FUNCTIONS = {torch.float32: "gathered_dot_float", torch.float64: "gathered_dot_double"}
 
 
 def cache_dir() -> Path:
@@ -89,7 +88,7 @@ def library() -> ctypes.CDLL | None:
                       "engine's random keys use torch.sparse.sampled_addmm", stacklevel=2)
         return None
     pointer, int64 = ctypes.c_void_p, ctypes.c_int64
-    for name, _ in FUNCTIONS.values():
+    for name in FUNCTIONS.values():
         function = getattr(lib, name)
         function.argtypes = [pointer] * 5 + [int64, int64, int64, ctypes.c_int]
         function.restype = None
@@ -121,7 +120,7 @@ def gathered_dot(q: torch.Tensor, table: torch.Tensor, bounds: torch.Tensor, key
     rows, dim = q.shape
     entries = keys.numel()
     out = add_to if add_to is not None else q.new_empty(entries)
-    function = getattr(lib, FUNCTIONS[q.dtype][0])
+    function = getattr(lib, FUNCTIONS[q.dtype])
     addresses = (q.data_ptr(), table.data_ptr(), bounds.data_ptr(), keys.data_ptr(),
                  out.data_ptr())
 
