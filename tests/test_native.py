@@ -42,7 +42,8 @@ def test_the_loop_builds_where_a_compiler_is_found(fresh_library, tmp_path):
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_it_equals_a_dense_reference_and_accumulates(monkeypatch, dtype, threads):
+def test_it_equals_a_dense_reference_and_accumulates(fresh_library, monkeypatch, dtype,
+                                                     threads):
     monkeypatch.setattr(native, "ENTRIES_PER_THREAD", 16)  # split even a small problem
     torch.set_num_threads(threads)
     try:
