@@ -230,11 +230,11 @@ def _attention_parts(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor,
     chunks = (batch * layout.num_blocks, shape.block, dim)
     band = banded_scores(shape, q.reshape(chunks), k.reshape(chunks)).view(batch, padded, -1)
     glob = layout.globals
-    to_globals = q @ k[:, glob].transpose(-1, -2)  # (B, padded, G)
+    to_globals = q @ k.index_select(1, glob).transpose(-1, -2)  # (B, padded, G)
     random = gather.unpack(gather_dot(q, k, gather), -math.inf).view(batch, padded, -1)
     band_attn, global_attn, random_attn = joint_softmax(
         (band, to_globals, random), (band_bias.view(padded, -1), global_keys_bias, None))
-    rows = q[:, glob] @ k.transpose(-1, -2)  # (B, G, padded)
+    rows = q.index_select(1, glob) @ k.transpose(-1, -2)  # (B, G, padded)
     if global_rows_bias is not None:
         rows = rows + global_rows_bias
     band_attn = band_attn.view(batch * layout.num_blocks, shape.block, shape.width)
@@ -250,7 +250,8 @@ def _propagate_one(layout: BlockLayout, parts: Sequence[torch.Tensor], z: torch.
     glob = layout.globals
     chunks = z.reshape(batch * layout.num_blocks, layout.geometry.block, dim)
     out = banded_apply(layout.geometry, band_attn, chunks).view(batch, padded, dim)
-    out = out.baddbmm_(global_attn, z[:, glob]).add_(gather_sum(random_attn, z, gather))
+    out = out.baddbmm_(global_attn, z.index_select(1, glob))
+    out += gather_sum(random_attn, z, gather)
     return out.index_copy_(1, glob, rows @ z)
 
 
@@ -264,7 +265,8 @@ def _transposed_parts(layout: BlockLayout, parts: Sequence[torch.Tensor],
     batch, glob = global_attn.shape[0], layout.globals
     band = band_transpose(layout.geometry, band_attn)
     band.view(batch, -1).index_fill_(1, layout.transposed_global_queries, 0)
-    return band, global_attn.index_fill(1, glob, 0), random_attn[gather.by_key], rows
+    return (band, global_attn.index_fill(1, glob, 0), random_attn.index_select(0, gather.by_key),
+            rows)
 
 
 def _propagate_transposed(layout: BlockLayout, parts: Sequence[torch.Tensor], g: torch.Tensor,
@@ -279,7 +281,7 @@ def _propagate_transposed(layout: BlockLayout, parts: Sequence[torch.Tensor], g:
     out += gather.scatter_sum_by_key(random_attn,
                                      g.reshape(batch * padded, dim)).view(batch, padded, dim)
     out.index_add_(1, glob, global_attn.transpose(1, 2) @ g)
-    return out.baddbmm_(rows.transpose(1, 2), g[:, glob])
+    return out.baddbmm_(rows.transpose(1, 2), g.index_select(1, glob))
 
 
 def _attention_grads(layout: BlockLayout, g: torch.Tensor, z: torch.Tensor, gather: GatherIndex,
@@ -294,10 +296,11 @@ def _attention_grads(layout: BlockLayout, g: torch.Tensor, z: torch.Tensor, gath
     band = band_scores(layout.geometry, g.reshape(chunks), z.reshape(chunks), band)
     random = gather.gather_dot(g.reshape(batch * padded, features),
                                z.reshape(batch * padded, features), random)
-    global_keys = z[:, glob].transpose(1, 2)
+    global_keys = z.index_select(1, glob).transpose(1, 2)
     to_globals = g @ global_keys if to_globals is None else to_globals.baddbmm_(g, global_keys)
     z = z.transpose(1, 2)
-    rows = g[:, glob] @ z if rows is None else rows.baddbmm_(g[:, glob], z)  # (B, G, padded)
+    g_globals = g.index_select(1, glob)
+    rows = g_globals @ z if rows is None else rows.baddbmm_(g_globals, z)  # (B, G, padded)
     for grad in (band.view(batch, padded, -1), to_globals):  # the global rows replaced the
         grad.index_fill_(1, glob, 0)                          # global queries' parts
     return band, to_globals, random, rows

@@ -80,7 +80,8 @@ class GatherIndex:
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """``(batch * n, R) -> (E,)``: the real entries of the rectangular layout."""
-        return x.reshape(-1)[self.position]
+        # index_select, not x[position]: on the CPU it runs 3-5x faster than advanced indexing
+        return x.reshape(-1).index_select(0, self.position)
 
     def unpack(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """``(E,) -> (batch * n, R)``, ``fill`` where a query has no entry."""
@@ -105,7 +106,7 @@ class GatherIndex:
     def scatter_sum(self, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """The transpose: ``out[j] = sum weights[e] values[row[e]]`` over the entries that gather
         row ``j``: ``(E,), (batch * n, D) -> (M, D)``."""
-        return self.scatter_sum_by_key(weights[self.by_key], values)
+        return self.scatter_sum_by_key(weights.index_select(0, self.by_key), values)
 
     def scatter_sum_by_key(self, weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """:meth:`scatter_sum` with ``weights`` already in ``by_key`` order (order them once for
