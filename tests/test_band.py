@@ -4,6 +4,7 @@ import torch
 
 from diffuser_graph.engines.band import (
     BandGeometry,
+    band_apply,
     band_apply_transposed,
     band_scores,
     band_transpose,
@@ -58,6 +59,11 @@ def test_band_products_equal_dense_products(geometry, chunks):
     dense_a = as_dense(geometry, a)
     torch.testing.assert_close(banded_apply(geometry, a, k).reshape(-1, dim),
                                dense_a @ k.reshape(-1, dim))
+    start = torch.randn(chunks, b, dim, dtype=torch.float64, generator=gen)
+    total = start.clone()
+    assert band_apply(geometry, a, k, add_to=total) is total  # accumulated in place
+    torch.testing.assert_close(total.reshape(-1, dim),
+                               start.reshape(-1, dim) + dense_a @ k.reshape(-1, dim))
     torch.testing.assert_close(band_apply_transposed(geometry, a, q).reshape(-1, dim),
                                dense_a.T @ q.reshape(-1, dim))
 

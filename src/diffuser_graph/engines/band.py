@@ -110,12 +110,18 @@ def band_scores(geometry: BandGeometry, q: torch.Tensor, k: torch.Tensor,
     return add_to
 
 
-def band_apply(geometry: BandGeometry, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``a: (M, b, width), z: (M, b, D) -> (M, b, D)``."""
-    out = torch.empty_like(z, memory_format=torch.contiguous_format)
+def band_apply(geometry: BandGeometry, a: torch.Tensor, z: torch.Tensor,
+               add_to: torch.Tensor | None = None) -> torch.Tensor:
+    """``a: (M, b, width), z: (M, b, D) -> (M, b, D)``. With ``add_to: (M, b, D)``, the
+    products are added to it in place (inside the matmuls) and it is returned."""
+    if add_to is None:
+        out = torch.empty_like(z, memory_format=torch.contiguous_format)
+        for chunks, rows in _windows(geometry, z):
+            torch.bmm(a[chunks], rows, out=out[chunks])
+        return out
     for chunks, rows in _windows(geometry, z):
-        torch.bmm(a[chunks], rows, out=out[chunks])
-    return out
+        add_to[chunks].baddbmm_(a[chunks], rows)
+    return add_to
 
 
 def band_apply_transposed(geometry: BandGeometry, a: torch.Tensor,

@@ -277,9 +277,10 @@ def _propagate_transposed(layout: BlockLayout, parts: Sequence[torch.Tensor], g:
     batch, padded, dim = g.shape
     glob = layout.globals
     chunks = g.reshape(batch * layout.num_blocks, layout.geometry.block, dim)
-    out = band_apply(layout.geometry.transposed, band, chunks).view(batch, padded, dim)
-    out += gather.scatter_sum_by_key(random_attn,
-                                     g.reshape(batch * padded, dim)).view(batch, padded, dim)
+    # the band accumulates into the random keys' sums: no temporary of g's size per hop
+    out = gather.scatter_sum_by_key(random_attn, g.reshape(batch * padded, dim))
+    band_apply(layout.geometry.transposed, band, chunks, add_to=out.view(chunks.shape))
+    out = out.view(batch, padded, dim)
     out.index_add_(1, glob, global_attn.transpose(1, 2) @ g)
     return out.baddbmm_(rows.transpose(1, 2), g.index_select(1, glob))
 
