@@ -42,14 +42,15 @@ def test_the_loop_builds_where_a_compiler_is_found(fresh_library, tmp_path):
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dim", [8, 16, 64, 128])  # the loop's constant sizes and another
 def test_it_equals_a_dense_reference_and_accumulates(fresh_library, monkeypatch, dtype,
-                                                     threads):
+                                                     threads, dim):
     monkeypatch.setattr(native, "ENTRIES_PER_THREAD", 16)  # split even a small problem
     torch.set_num_threads(threads)
     try:
         g = gather()
         rows, tables = g.shape[0] * g.shape[1], g.shape[0] * g.shape[2]
-        q, table = torch.randn(rows, 8, dtype=dtype), torch.randn(tables, 8, dtype=dtype)
+        q, table = torch.randn(rows, dim, dtype=dtype), torch.randn(tables, dim, dtype=dtype)
         tol = 1e-12 if dtype == torch.float64 else 1e-5
         got = native.gathered_dot(q, table, g.bounds, g.key)
         torch.testing.assert_close(got, dense_dots(g, q, table), rtol=tol, atol=tol)
