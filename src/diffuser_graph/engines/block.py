@@ -258,15 +258,14 @@ def _propagate_one(layout: BlockLayout, parts: Sequence[torch.Tensor], z: torch.
 def _transposed_parts(layout: BlockLayout, parts: Sequence[torch.Tensor],
                       gather: GatherIndex) -> tuple[torch.Tensor, ...]:
     """One group's parts as :func:`_propagate_transposed` applies them, made once for all the
-    hops of a backward pass: the band transposed, the entries of every global query zeroed in
-    band and global keys (its row of ``A`` is the global row; it has no random keys), and the
-    random keys in the order of the keys they gather."""
+    hops of a backward pass: the band transposed, with the entries of every global query zeroed
+    (its row of ``A`` is the global row; it has no random keys), and the random keys in the order
+    of the keys they gather. The global keys stay as they are: :func:`_propagate_transposed`
+    takes the global queries' part back out, a ``(G, G)`` product instead of a copy."""
     band_attn, global_attn, random_attn, rows = parts
-    batch, glob = global_attn.shape[0], layout.globals
     band = band_transpose(layout.geometry, band_attn)
-    band.view(batch, -1).index_fill_(1, layout.transposed_global_queries, 0)
-    return (band, global_attn.index_fill(1, glob, 0), random_attn.index_select(0, gather.by_key),
-            rows)
+    band.view(global_attn.shape[0], -1).index_fill_(1, layout.transposed_global_queries, 0)
+    return band, global_attn, random_attn.index_select(0, gather.by_key), rows
 
 
 def _propagate_transposed(layout: BlockLayout, parts: Sequence[torch.Tensor], g: torch.Tensor,
@@ -281,8 +280,11 @@ def _propagate_transposed(layout: BlockLayout, parts: Sequence[torch.Tensor], g:
     out = gather.scatter_sum_by_key(random_attn, g.reshape(batch * padded, dim))
     band_apply(layout.geometry.transposed, band, chunks, add_to=out.view(chunks.shape))
     out = out.view(batch, padded, dim)
-    out.index_add_(1, glob, global_attn.transpose(1, 2) @ g)
-    return out.baddbmm_(rows.transpose(1, 2), g.index_select(1, glob))
+    g_globals = g.index_select(1, glob)
+    to_globals = (global_attn.transpose(1, 2) @ g).baddbmm_(  # less the global queries' rows
+        global_attn.index_select(1, glob).transpose(1, 2), g_globals, alpha=-1)
+    out.index_add_(1, glob, to_globals)
+    return out.baddbmm_(rows.transpose(1, 2), g_globals)
 
 
 def _attention_grads(layout: BlockLayout, g: torch.Tensor, z: torch.Tensor, gather: GatherIndex,
@@ -386,7 +388,9 @@ class BlockPlan:
         dim = x.shape[-1]
         tokens = []
         for group, slab in zip(self.groups, self._slabs(x, heads), strict=True):
-            rows = slab.view(group.count, heads, -1, dim)[:, :, :group.layout.n]
+            rows = slab.view(group.count, heads, -1, dim)
+            if group.layout.padded > group.layout.n:  # a slice's backward zero-fills its input
+                rows = rows[:, :, :group.layout.n]
             tokens.append(rows.permute(0, 2, 1, 3).reshape(-1, heads, dim))
         if len(self.groups) == 1 and self.groups[0].first == 0:
             return tokens[0]  # one group holding every token in order
