@@ -61,6 +61,36 @@ def test_it_equals_a_dense_reference_and_accumulates(fresh_library, monkeypatch,
         torch.set_num_threads(1)
 
 
+def _split_dots_in_child(q, table, bounds, keys, expected):
+    got = native.gathered_dot(q, table, bounds, keys)
+    raise SystemExit(0 if torch.allclose(got, expected, rtol=1e-12, atol=1e-12) else 1)
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+def test_a_forked_child_splits_the_work_with_threads_of_its_own(monkeypatch):
+    """The loop's threads are kept between calls; a child forked after the parent used them has
+    none of them, and must still finish (with its own) and agree."""
+    import multiprocessing
+
+    monkeypatch.setattr(native, "ENTRIES_PER_THREAD", 16)
+    torch.set_num_threads(2)
+    try:
+        g = gather()
+        q = torch.randn(g.shape[0] * g.shape[1], 16, dtype=torch.float64)
+        table = torch.randn(g.shape[0] * g.shape[2], 16, dtype=torch.float64)
+        expected = native.gathered_dot(q, table, g.bounds, g.key)  # the parent's threads
+        torch.testing.assert_close(expected, dense_dots(g, q, table), rtol=1e-12, atol=1e-12)
+        child = multiprocessing.get_context("fork").Process(
+            target=_split_dots_in_child, args=(q, table, g.bounds, g.key, expected))
+        child.start()
+        child.join(timeout=60)
+        if child.exitcode is None:  # still waiting for threads it does not have
+            child.kill()
+        assert child.exitcode == 0
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_the_gather_index_gives_the_same_products_with_and_without_it(monkeypatch):
     g = gather()
     q = torch.randn(g.shape[0] * g.shape[1], 8, dtype=torch.float64)
