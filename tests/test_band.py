@@ -1,4 +1,6 @@
 """The banded products against a dense reference, and their gradients."""
+import math
+
 import pytest
 import torch
 
@@ -88,8 +90,10 @@ def test_the_transposed_band_is_the_band_of_the_transpose(geometry, chunks):
     b, dim = geometry.block, 3
     a = torch.randn(chunks, b, geometry.width, dtype=torch.float64, generator=gen)
     g = torch.randn(chunks, b, dim, dtype=torch.float64, generator=gen)
-    transposed = band_transpose(geometry, a)
+    garbage = torch.full((chunks, b, geometry.transposed.width), math.nan, dtype=torch.float64)
+    transposed = band_transpose(geometry, a, out=garbage)  # every entry written, none left
     assert transposed.shape == (chunks, b, geometry.transposed.width)
+    torch.testing.assert_close(band_transpose(geometry, a), transposed, rtol=0, atol=0)
     torch.testing.assert_close(as_dense(geometry.transposed, transposed), as_dense(geometry, a).T)
     column = dense_band(geometry.transposed, chunks)
     rows, keys = torch.nonzero(column >= 0, as_tuple=True)

@@ -140,22 +140,30 @@ def band_apply_transposed(geometry: BandGeometry, a: torch.Tensor,
     return out
 
 
-def band_transpose(geometry: BandGeometry, a: torch.Tensor) -> torch.Tensor:
+def band_transpose(geometry: BandGeometry, a: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """The band of ``A^T`` on ``geometry.transposed`` from the band ``a: (M, b, width)`` of ``A``:
-    ``(M, b, left + b + right)``. Then ``band_apply(geometry.transposed, band_transpose(a), g)``
-    is :func:`band_apply_transposed` ``(a, g)``, one batched matmul instead of one per piece:
-    worth it when several products share ``a`` (the hops of a backward pass)."""
+    ``(M, b, left + b + right)``, written into ``out`` when given (any values: every entry is
+    written). Then ``band_apply(geometry.transposed, band_transpose(a), g)`` is
+    :func:`band_apply_transposed` ``(a, g)``, one batched matmul instead of one per piece: worth
+    it when several products share ``a`` (the hops of a backward pass)."""
     count, b, width = a.shape
     transposed = geometry.transposed
-    out = a.new_zeros(count, b, transposed.width)
-    for offset, lo, hi, _ in transposed.pieces:
+    if out is None:
+        out = a.new_empty(count, b, transposed.width)
+    for offset, lo, hi, _ in transposed.pieces:  # they tile the columns
         # Column w of chunk c is query (c + offset) b + w - lo (whole chunks: first = 0); key
         # c b + j sits in that query's row of `a` at column `start + j`.
         start = geometry.left - offset * b
         j0, j1 = max(0, -start), min(b, width - start)
         own, other = _spans(count, offset)
-        if j0 < j1:
-            out[own, j0:j1, lo:hi] = a[other, :, start + j0:start + j1].transpose(1, 2)
+        j1 = max(j0, j1)
+        out[own, j0:j1, lo:hi] = a[other, :, start + j0:start + j1].transpose(1, 2)
+        # zeros where no entry of `a` lands: past either end of the stack, or of the band
+        out[:own.start, :, lo:hi] = 0
+        out[own.stop:, :, lo:hi] = 0
+        out[own, :j0, lo:hi] = 0
+        out[own, j1:, lo:hi] = 0
     return out
 
 
