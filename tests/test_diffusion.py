@@ -50,6 +50,10 @@ def test_apply_is_the_coefficient_series_and_the_ppr_recursion():
                      for k, c in enumerate(diffusion.coefficients))
         torch.testing.assert_close(diffusion.apply(lambda z: attn @ z, v), series,
                                    rtol=0, atol=1e-12)
+        before = v.clone()  # mixing into each new iterate: the same series, v untouched
+        torch.testing.assert_close(diffusion.apply(lambda z: attn @ z, v, in_place=True),
+                                   series, rtol=0, atol=1e-12)
+        assert torch.equal(v, before)
     z = v  # the paper's recursion, Z(k+1) = (1-a) A Z(k) + a V
     for _ in range(6):
         z = 0.7 * attn @ z + 0.3 * v

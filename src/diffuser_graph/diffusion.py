@@ -113,19 +113,21 @@ class Diffusion(BaseModel):
         return _coefficients(self)
 
     def apply(self, propagate: Callable[[Z], Z], v: Z,
-              after_mix: Callable[[Z], Z] | None = None) -> Z:
+              after_mix: Callable[[Z], Z] | None = None, in_place: bool = False) -> Z:
         """``sum_k theta_k A^k v``, where ``propagate(z)`` applies ``A`` (K calls, Horner's rule).
 
         ``v`` is anything ``propagate`` takes that supports ``+`` and scalar ``*`` (a tensor of
         any layout, a numpy array). ``after_mix``, if given, is applied to every iterate after
-        ``theta_k v`` is added (where the authors' code drops out).
+        ``theta_k v`` is added (where the authors' code drops out). ``in_place``: ``propagate``
+        returns a new tensor nothing else holds (no autograd), so ``theta_k v`` is added into it.
         """
         theta = self.coefficients
         z = v if theta[-1] == 1 else theta[-1] * v
         for weight in reversed(theta[:-1]):
             z = propagate(z)
             if weight and isinstance(z, torch.Tensor):  # one pass, no temporary weight * v
-                z = cast(Z, z.add(cast(torch.Tensor, v), alpha=weight))
+                mix = z.add_ if in_place else z.add
+                z = cast(Z, mix(cast(torch.Tensor, v), alpha=weight))
             elif weight:
                 z = z + weight * v
             if after_mix is not None:

@@ -360,8 +360,10 @@ class BlockPlan:
     def _slabs(self, x: torch.Tensor, heads: int) -> list[torch.Tensor]:
         """The plan layout ``(rows, D)`` cut into each group's ``(count * H, padded, D)``."""
         sizes = [group.count * heads * group.layout.padded for group in self.groups]
+        # one group: a view, not a split (whose backward would copy the whole gradient)
+        parts = torch.split(x, sizes) if len(sizes) > 1 else (x,)
         return [part.view(-1, group.layout.padded, x.shape[-1])
-                for part, group in zip(torch.split(x, sizes), self.groups, strict=True)]
+                for part, group in zip(parts, self.groups, strict=True)]
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         """Packed ``x: (N, H, D)`` -> the plan layout ``(rows, D)``."""
@@ -482,7 +484,8 @@ class _Diffusion(torch.autograd.Function):
             out = plan.propagate(attention, z)
             return drop(out) if hop_dropout and not after_mix else out
 
-        out = diffusion.apply(hop, v, drop if hop_dropout and after_mix else None)
+        # every hop's output is new and kept by nothing yet: theta_k v is added into it
+        out = diffusion.apply(hop, v, drop if hop_dropout and after_mix else None, in_place=True)
         ctx.plan, ctx.diffusion, ctx.hop_dropout = plan, diffusion, hop_dropout
         ctx.after_mix = after_mix
         ctx.parts, ctx.inputs = len(attention), inputs is not None
@@ -497,18 +500,22 @@ class _Diffusion(torch.autograd.Function):
         inputs = saved[ctx.parts:ctx.parts + hops] if ctx.inputs else None
         kept = saved[ctx.parts + hops * ctx.inputs:]
         attention_grads = None
-        grad_v = torch.zeros_like(grad)
+        grad_v: torch.Tensor | None = None  # made by its first term, not zeros plus it
+
+        def add_to_grad_v(term: torch.Tensor, weight: float) -> torch.Tensor:
+            return term * weight if grad_v is None else grad_v.add_(term, alpha=weight)
+
         transposed = ctx.plan.transposed(attention)
         for index in reversed(range(hops)):  # hop `index` added theta[hops - 1 - index] * v
             if kept and ctx.after_mix:
                 grad = grad * kept[index] / (1 - ctx.hop_dropout)
             if theta[hops - 1 - index]:
-                grad_v.add_(grad, alpha=theta[hops - 1 - index])
+                grad_v = add_to_grad_v(grad, theta[hops - 1 - index])
             if kept and not ctx.after_mix:
                 grad = grad * kept[index] / (1 - ctx.hop_dropout)
             if inputs is not None:
                 attention_grads = ctx.plan.attention_grads(attention, grad, inputs[index],
                                                            attention_grads)
             grad = ctx.plan.propagate_transposed(transposed, grad)
-        grad_v.add_(grad, alpha=theta[-1])
+        grad_v = add_to_grad_v(grad, theta[-1])
         return (None, None, None, grad_v, *(attention_grads or (None,) * ctx.parts))
