@@ -244,14 +244,19 @@ def _attention_parts(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor,
 
 def _propagate_one(layout: BlockLayout, parts: Sequence[torch.Tensor], z: torch.Tensor,
                    gather: GatherIndex) -> torch.Tensor:
-    """``A z`` for one group, ``z: (B, padded, Dv)``."""
+    """``A z`` for one group, ``z: (B, padded, Dv)``; differentiable when grad mode is on."""
     band_attn, global_attn, random_attn, rows = parts
     batch, padded, dim = z.shape
     glob = layout.globals
     chunks = z.reshape(batch * layout.num_blocks, layout.geometry.block, dim)
-    out = banded_apply(layout.geometry, band_attn, chunks).view(batch, padded, dim)
+    if torch.is_grad_enabled():
+        out = banded_apply(layout.geometry, band_attn, chunks).view(batch, padded, dim)
+        out += gather_sum(random_attn, z, gather)
+    else:  # the band accumulates into the random keys' sums: no temporary of z's size
+        out = gather.gather_sum(random_attn, z.reshape(batch * padded, dim))
+        band_apply(layout.geometry, band_attn, chunks, add_to=out.view(chunks.shape))
+        out = out.view(batch, padded, dim)
     out = out.baddbmm_(global_attn, z.index_select(1, glob))
-    out += gather_sum(random_attn, z, gather)
     return out.index_copy_(1, glob, rows @ z)
 
 
