@@ -11,7 +11,6 @@ from diffuser_graph.engines.band import (
     band_scores,
     band_transpose,
     banded_apply,
-    banded_scores,
 )
 
 GEOMETRIES = [BandGeometry(4, 4, 4), BandGeometry(4, 3, 0), BandGeometry(4, 6, 9),
@@ -46,7 +45,7 @@ def test_band_products_equal_dense_products(geometry, chunks):
     q, k = (torch.randn(chunks, b, dim, dtype=torch.float64, generator=gen) for _ in range(2))
     a = torch.randn(chunks, b, geometry.width, dtype=torch.float64, generator=gen)
     column = dense_band(geometry, chunks)
-    scores = banded_scores(geometry, q, k).reshape(chunks * b, geometry.width)
+    scores = band_scores(geometry, q, k).reshape(chunks * b, geometry.width)
     dense_scores = q.reshape(-1, dim) @ k.reshape(-1, dim).T
     reachable = column >= 0
     rows, keys = torch.nonzero(reachable, as_tuple=True)
@@ -102,15 +101,17 @@ def test_the_transposed_band_is_the_band_of_the_transpose(geometry, chunks):
     assert not transposed.reshape(chunks * b, -1)[outside].any()  # past either end: zeros
     torch.testing.assert_close(banded_apply(geometry.transposed, transposed, g),
                                band_apply_transposed(geometry, a, g))
+    start = torch.randn(chunks, b, dim, dtype=torch.float64, generator=gen)
+    total = start.clone()
+    assert band_apply_transposed(geometry, a, g, add_to=total) is total  # accumulated in place
+    torch.testing.assert_close(total, start + band_apply_transposed(geometry, a, g))
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=str)
 def test_band_products_pass_gradcheck(geometry):
     gen = torch.Generator().manual_seed(1)
     chunks, b = 3, geometry.block
-    q, k = (torch.randn(chunks, b, 2, dtype=torch.float64, generator=gen, requires_grad=True)
-            for _ in range(2))
+    k = torch.randn(chunks, b, 2, dtype=torch.float64, generator=gen, requires_grad=True)
     a = torch.randn(chunks, b, geometry.width, dtype=torch.float64, generator=gen,
                     requires_grad=True)
-    assert torch.autograd.gradcheck(lambda q, k: banded_scores(geometry, q, k), (q, k))
     assert torch.autograd.gradcheck(lambda a, k: banded_apply(geometry, a, k), (a, k))

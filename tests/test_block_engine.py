@@ -145,6 +145,41 @@ def test_causal_globals_are_masked_by_causality():
                                rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("spec", [PatternSpec(window=3, num_global=2, num_random=3, seed=1),
+                                  PatternSpec(kind="official", window=8, num_global=2,
+                                              num_random=2, max_len=40)], ids=str)
+def test_scores_equal_q_dot_k_on_every_part_and_pass_gradcheck(spec):
+    """The score function of the block engine: each part's entries are q . k / sqrt(D) of its
+    query and key, and its one backward (every part's gradient added into dq and dk) is the
+    gradient of that."""
+    from diffuser_graph.engines.block import _Scores
+    from diffuser_graph.engines.gathered import GatherIndex
+
+    n, heads, dim = 37, 2, 3
+    layout = block_layout(n, spec)
+    layout_gather = GatherIndex.build(layout.random_keys, layout.random_mask, heads,
+                                      layout.padded)
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(heads, layout.padded, dim, dtype=torch.float64, generator=gen,
+                        requires_grad=True) for _ in range(2))
+    band, to_globals, random, rows = _Scores.apply(layout, layout_gather, q, k)
+    dense = q.detach() @ k.detach().transpose(1, 2) / dim ** 0.5  # (H, padded, padded)
+    b, left = layout.geometry.block, layout.geometry.left
+    query = torch.arange(layout.padded)
+    key = (query // b * b - left)[:, None] + torch.arange(layout.geometry.width)
+    inside = (key >= 0) & (key < layout.padded)
+    got = band.view(heads, layout.padded, -1)
+    torch.testing.assert_close(got[:, inside], dense[:, query[:, None].expand_as(key)[inside],
+                                                      key[inside]])
+    glob = layout.globals
+    torch.testing.assert_close(to_globals, dense[:, :, glob])
+    torch.testing.assert_close(rows, dense[:, glob, :])
+    row, keyed = layout_gather.row, layout_gather.key
+    torch.testing.assert_close(random, dense.reshape(-1, layout.padded)[row, keyed % layout.padded])
+    assert torch.autograd.gradcheck(lambda q, k: _Scores.apply(layout, layout_gather, q, k),
+                                    (q, k))
+
+
 def test_gathered_products_match_plain_gathers_and_pass_gradcheck():
     from diffuser_graph.engines import gathered
 
@@ -168,13 +203,12 @@ def test_gathered_products_match_plain_gathers_and_pass_gradcheck():
             out[b][i] = out[b][i] + weight * k[b, keys[i, r]]
         return torch.stack([torch.stack(rows) for rows in out])
 
-    torch.testing.assert_close(gathered.gather_dot(q, k, index), plain_dot(q, k))
     flat_q, flat_k = q.detach().reshape(18, 3), k.detach().reshape(14, 3)
+    torch.testing.assert_close(index.gather_dot(flat_q, flat_k), plain_dot(q, k).detach())
     total = a.detach().clone()
     assert index.gather_dot(flat_q, flat_k, add_to=total) is total  # accumulated in place
     torch.testing.assert_close(total, plain_dot(q, k).detach() + a.detach())
     torch.testing.assert_close(gathered.gather_sum(a, k, index), plain_sum(a, k))
-    assert torch.autograd.gradcheck(lambda q, k: gathered.gather_dot(q, k, index), (q, k))
     assert torch.autograd.gradcheck(lambda a, k: gathered.gather_sum(a, k, index), (a, k))
     # The transposed sum, also from weights ordered by key once.
     expected = torch.zeros(2, 7, 3, dtype=torch.float64)

@@ -18,8 +18,8 @@ Three products, each the others' gradient:
   :func:`band_apply` in its second argument (or :func:`band_transpose` once, then
   :func:`band_apply` on the transposed geometry, for several products with one ``a``).
 
-:func:`banded_scores` and :func:`banded_apply` are the differentiable ones: backward saves only
-the inputs, and no zero-filled window-sized gradient is ever made.
+:func:`banded_apply` is the differentiable one (the block engine's scores have their own autograd
+function): backward saves only the inputs, and no zero-filled window-sized gradient is made.
 """
 
 from __future__ import annotations
@@ -124,11 +124,13 @@ def band_apply(geometry: BandGeometry, a: torch.Tensor, z: torch.Tensor,
     return add_to
 
 
-def band_apply_transposed(geometry: BandGeometry, a: torch.Tensor,
-                          g: torch.Tensor) -> torch.Tensor:
-    """``a: (M, b, width), g: (M, b, D) -> (M, b, D)``: the adjoint of :func:`band_apply` in z."""
+def band_apply_transposed(geometry: BandGeometry, a: torch.Tensor, g: torch.Tensor,
+                          add_to: torch.Tensor | None = None) -> torch.Tensor:
+    """``a: (M, b, width), g: (M, b, D) -> (M, b, D)``: the adjoint of :func:`band_apply` in z;
+    added to ``add_to: (M, b, D)`` in place when given."""
     count = g.shape[0]
-    out = torch.bmm(a[:, :, geometry.left:geometry.left + geometry.block].transpose(1, 2), g)
+    centre = a[:, :, geometry.left:geometry.left + geometry.block].transpose(1, 2)
+    out = torch.bmm(centre, g) if add_to is None else add_to.baddbmm_(centre, g)
     for offset, lo, hi, first in geometry.pieces:
         if offset:
             own, other = _spans(count, offset)
@@ -167,17 +169,9 @@ def band_transpose(geometry: BandGeometry, a: torch.Tensor,
     return out
 
 
-SCORES: Rules = (band_scores,  # S = q k^T on the band: dq = S' k, dk = S'^T q
-                 lambda geometry, grad, q, k: band_apply(geometry, grad, k),
-                 lambda geometry, grad, q, k: band_apply_transposed(geometry, grad, q))
 APPLY: Rules = (band_apply,  # out = a z on the band: da = out' z^T, dz = a^T out'
                 lambda geometry, grad, a, z: band_scores(geometry, grad, z),
                 lambda geometry, grad, a, z: band_apply_transposed(geometry, a, grad))
-
-
-def banded_scores(geometry: BandGeometry, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """:func:`band_scores` with its gradients."""
-    return product(SCORES, geometry, q, k)
 
 
 def banded_apply(geometry: BandGeometry, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

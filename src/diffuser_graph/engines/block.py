@@ -31,8 +31,15 @@ import torch.nn.functional as F
 from ..diffusion import Diffusion
 from ..graph import build_graph
 from ..patterns import PatternSpec
-from .band import BandGeometry, band_apply, band_scores, band_transpose, banded_apply, banded_scores
-from .gathered import GatherIndex, gather_dot, gather_sum
+from .band import (
+    BandGeometry,
+    band_apply,
+    band_apply_transposed,
+    band_scores,
+    band_transpose,
+    banded_apply,
+)
+from .gathered import GatherIndex, gather_sum
 from .softmax import joint_softmax
 
 
@@ -216,6 +223,48 @@ def _layout_on(seq_len: int, spec: PatternSpec, device: torch.device) -> BlockLa
     return block_layout(seq_len, spec).to(device)
 
 
+class _Scores(torch.autograd.Function):
+    """One group's scores ``q . k / sqrt(D)`` on every part, from ``q, k: (B, padded, D)``: the
+    band ``(B * n_blocks, b, width)``, the global keys ``(B, padded, G)``, the random keys
+    packed ``(E,)`` and the global rows ``(B, G, padded)``. Backward adds every part's
+    gradient into one ``dq`` and one ``dk`` inside the products (separate autograd products
+    would each make a q-sized gradient, a zero-filled one for the global tokens' rows, and add
+    them up); it keeps the scaled q and k."""
+
+    @staticmethod
+    def forward(ctx: Any, layout: BlockLayout, gather: GatherIndex, q: torch.Tensor,
+                k: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        batch, padded, dim = q.shape
+        q = q * (1.0 / math.sqrt(dim))  # scaled once here rather than every score
+        chunks = (batch * layout.num_blocks, layout.geometry.block, dim)
+        glob = layout.globals
+        band = band_scores(layout.geometry, q.reshape(chunks), k.reshape(chunks))
+        to_globals = q @ k.index_select(1, glob).transpose(1, 2)
+        random = gather.gather_dot(q.reshape(-1, dim), k.reshape(-1, dim))
+        rows = q.index_select(1, glob) @ k.transpose(1, 2)
+        ctx.layout, ctx.gather = layout, gather
+        ctx.save_for_backward(q, k)
+        return band, to_globals, random, rows
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
+        q, k = ctx.saved_tensors
+        layout, gather = ctx.layout, ctx.gather
+        band, to_globals, random, rows = (grad.contiguous() for grad in grads)
+        batch, padded, dim = q.shape
+        chunks = (batch * layout.num_blocks, layout.geometry.block, dim)
+        glob = layout.globals
+        dq = gather.gather_sum(random, k.reshape(-1, dim))
+        band_apply(layout.geometry, band, k.reshape(chunks), add_to=dq.view(chunks))
+        dq = dq.view(batch, padded, dim).baddbmm_(to_globals, k.index_select(1, glob))
+        dq.index_add_(1, glob, rows @ k)
+        dk = gather.scatter_sum(random, q.reshape(-1, dim))
+        band_apply_transposed(layout.geometry, band, q.reshape(chunks), add_to=dk.view(chunks))
+        dk = dk.view(batch, padded, dim).baddbmm_(rows.transpose(1, 2), q.index_select(1, glob))
+        dk.index_add_(1, glob, to_globals.transpose(1, 2) @ q)
+        return None, None, dq.mul_(1.0 / math.sqrt(dim)), dk
+
+
 def _attention_parts(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor,
                      gather: GatherIndex) -> tuple[torch.Tensor, ...]:
     """One group's ``A`` from ``q, k: (B, padded, D)`` (B = sequences x heads): the band
@@ -226,15 +275,11 @@ def _attention_parts(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor,
     shape = layout.geometry
     band_bias, global_keys_bias, global_rows_bias = layout.biases
     assert band_bias is not None  # the band always has a mask
-    q = q * (1.0 / math.sqrt(dim))  # scaled once here rather than every score
-    chunks = (batch * layout.num_blocks, shape.block, dim)
-    band = banded_scores(shape, q.reshape(chunks), k.reshape(chunks)).view(batch, padded, -1)
-    glob = layout.globals
-    to_globals = q @ k.index_select(1, glob).transpose(-1, -2)  # (B, padded, G)
-    random = gather.unpack(gather_dot(q, k, gather), -math.inf).view(batch, padded, -1)
+    band, to_globals, random, rows = _Scores.apply(layout, gather, q, k)
+    random = gather.unpack(random, -math.inf).view(batch, padded, -1)
     band_attn, global_attn, random_attn = joint_softmax(
-        (band, to_globals, random), (band_bias.view(padded, -1), global_keys_bias, None))
-    rows = q.index_select(1, glob) @ k.transpose(-1, -2)  # (B, G, padded)
+        (band.view(batch, padded, -1), to_globals, random),
+        (band_bias.view(padded, -1), global_keys_bias, None))
     if global_rows_bias is not None:
         rows = rows + global_rows_bias
     band_attn = band_attn.view(batch * layout.num_blocks, shape.block, shape.width)

@@ -3,11 +3,12 @@
 A query that attends to a few scattered keys needs ``q_i . k_j`` for each of its keys ``j``
 (scores) and ``sum_j a_ij z_j`` (one hop). Gathering the keys whole costs ``(B, n, R, D)`` memory,
 and autograd would keep it for the backward pass: 1.2 GB per product for the official pattern at
-4,096 tokens with 12 heads. Here both products are autograd functions built on fused kernels: a
-weighted sum of gathered rows is ``F.embedding_bag``, and so is each backward pass, over the
-*transposed* gather (for every key, the queries that gathered it), which :class:`GatherIndex`
-sorts once per batch; the scores are a sampled matrix product (``torch.sparse.sampled_addmm`` on
-the gather's CSR pattern). Nothing keeps more than its inputs.
+4,096 tokens with 12 heads. Here both products run on fused kernels: a weighted sum of gathered
+rows is ``F.embedding_bag``, and so is its transpose, over the *transposed* gather (for every
+key, the queries that gathered it), which :class:`GatherIndex` sorts once per batch; the scores
+are a sampled matrix product (a compiled loop, or ``torch.sparse.sampled_addmm`` on the gather's
+CSR pattern). :func:`gather_sum` is the weighted sum with its gradients (the block engine's
+scores have their own autograd function); nothing keeps more than its inputs.
 
 Values live *packed*: one per real entry, ``(E,)``, query after query, so no product spends work
 on the padding a rectangular ``(n, R)`` layout needs for its longest row (the authors' random keys
@@ -136,18 +137,9 @@ class GatherIndex:
                                           beta=0.0).values().flatten()
 
 
-DOT: Rules = (GatherIndex.gather_dot,  # s = q . k[key]: dq = s' k[key], dk = scatter s' q
-              lambda gather, grad, q, k: gather.gather_sum(grad, k),
-              lambda gather, grad, q, k: gather.scatter_sum(grad, q))
 SUM: Rules = (GatherIndex.gather_sum,  # out = a k[key]: da = out' . z[key], dz = a^T out'
               lambda gather, grad, a, z: gather.gather_dot(grad, z),
               lambda gather, grad, a, z: gather.scatter_sum(a, grad))
-
-
-def gather_dot(q: torch.Tensor, k: torch.Tensor, gather: GatherIndex) -> torch.Tensor:
-    """Each query with its gathered keys: ``(B, n, D), (B, m, D) -> (E,)``, packed."""
-    batch, n, dim = q.shape
-    return product(DOT, gather, q.reshape(batch * n, dim), k.reshape(-1, dim))
 
 
 def gather_sum(a: torch.Tensor, z: torch.Tensor, gather: GatherIndex) -> torch.Tensor:
