@@ -271,7 +271,7 @@ def _attention_parts(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor,
     ``(B * n_blocks, b, width)``, the global keys ``(B, padded, G)``, the random keys packed
     ``(E,)`` (one joint softmax over the three) and the global rows ``(B, G, padded)``.
     """
-    batch, padded, dim = q.shape
+    batch, padded = q.shape[:2]
     shape = layout.geometry
     band_bias, global_keys_bias, global_rows_bias = layout.biases
     assert band_bias is not None  # the band always has a mask
