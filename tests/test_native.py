@@ -36,7 +36,7 @@ def dense_dots(g, q, table):
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
 def test_the_loop_builds_where_a_compiler_is_found(fresh_library, tmp_path):
     assert native.library() is not None
-    assert len(list((tmp_path / "diffuser-graph").glob("gathered_dot-*.so"))) == 1
+    assert len(list((tmp_path / "diffuser-graph").glob("kernels-*.so"))) == 1
 
 
 @pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")

@@ -40,7 +40,7 @@ from .band import (
     banded_apply,
 )
 from .gathered import GatherIndex, gather_sum
-from .softmax import joint_softmax
+from .softmax import packed_joint_softmax
 
 
 def supports(spec: PatternSpec) -> bool:
@@ -271,19 +271,12 @@ def _attention_parts(layout: BlockLayout, q: torch.Tensor, k: torch.Tensor,
     ``(B * n_blocks, b, width)``, the global keys ``(B, padded, G)``, the random keys packed
     ``(E,)`` (one joint softmax over the three) and the global rows ``(B, G, padded)``.
     """
-    batch, padded = q.shape[:2]
-    shape = layout.geometry
     band_bias, global_keys_bias, global_rows_bias = layout.biases
-    assert band_bias is not None  # the band always has a mask
     band, to_globals, random, rows = _Scores.apply(layout, gather, q, k)
-    random = gather.unpack(random, -math.inf).view(batch, padded, -1)
-    band_attn, global_attn, random_attn = joint_softmax(
-        (band.view(batch, padded, -1), to_globals, random),
-        (band_bias.view(padded, -1), global_keys_bias, None))
+    band_attn, global_attn, random_attn = packed_joint_softmax(
+        band, to_globals, random, (band_bias, global_keys_bias), gather)
     if global_rows_bias is not None:
         rows = rows + global_rows_bias
-    band_attn = band_attn.view(batch * layout.num_blocks, shape.block, shape.width)
-    random_attn = gather.pack(random_attn.view(batch * padded, -1))
     return band_attn, global_attn, random_attn, torch.softmax(rows, dim=-1)
 
 

@@ -6,14 +6,23 @@ would write the scores once more, keep the joint probabilities for backward and 
 strided slices that the band products must copy to make contiguous. :func:`joint_softmax`
 writes each part's probabilities into a tensor of its own, keeps only those for backward, and
 adds each part's mask (an additive bias, ``-inf`` off the pattern) on the way.
+
+:func:`packed_joint_softmax` takes the random keys' scores packed, one value per key
+(:class:`~.gathered.GatherIndex`); on the CPU it runs in place in a compiled loop, row by row
+(:func:`.native.joint_softmax_`), elsewhere it spreads them into a rectangle for
+:func:`joint_softmax`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from . import native
+from .gathered import GatherIndex
 
 
 class _JointSoftmax(torch.autograd.Function):
@@ -69,3 +78,49 @@ def joint_softmax(scores: Sequence[torch.Tensor],
     if len(biases) != len(scores):
         raise ValueError(f"joint_softmax: {len(biases)} biases for {len(scores)} parts")
     return _JointSoftmax.apply(biases, *scores)
+
+
+class _PackedJointSoftmax(torch.autograd.Function):
+    """The compiled joint softmax, in place on its score tensors; keeps its outputs."""
+
+    @staticmethod
+    def forward(ctx: Any, biases: tuple[torch.Tensor | None, torch.Tensor | None],
+                bounds: torch.Tensor, band: torch.Tensor, globals_: torch.Tensor,
+                random: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ran = native.joint_softmax_(band, biases[0], globals_, biases[1], random, bounds)
+        assert ran, "packed_joint_softmax checked that the compiled loop applies"
+        ctx.mark_dirty(band, globals_, random)
+        ctx.save_for_backward(band, globals_, random)
+        ctx.bounds = bounds
+        return band, globals_, random
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
+        result = native.joint_softmax_backward(ctx.saved_tensors, grads, ctx.bounds)
+        assert result is not None
+        return (None, None, *result)
+
+
+def packed_joint_softmax(band: torch.Tensor, globals_: torch.Tensor, random: torch.Tensor,
+                         biases: Sequence[torch.Tensor | None],
+                         gather: GatherIndex) -> tuple[torch.Tensor, ...]:
+    """:func:`joint_softmax` of the band ``(..., Wb)``, the global keys ``(..., G)`` (rows
+    alike: ``batch * n`` of ``gather``) and the random keys packed ``(E,)`` by ``gather``.
+
+    ``biases``: the band's and the global keys' additive biases, ``(n, Wb)`` and ``(n, G)``
+    (shared by the ``batch`` stacked tables) or ``None``. On the CPU (float32 or float64, with
+    the compiled loops) the scores are overwritten with the probabilities; keep a copy if you
+    need them. Returns the probabilities in the three layouts.
+    """
+    band_bias, global_bias = (None if b is None else b.to(band.dtype) for b in biases)
+    if native.available(band) and all(x.is_contiguous() for x in (band, globals_, random)) and (
+            all(b is None or b.is_contiguous() for b in (band_bias, global_bias))):
+        return _PackedJointSoftmax.apply((band_bias, global_bias), gather.bounds, band,
+                                         globals_, random)
+    batch, n = gather.shape[:2]
+    band_attn, global_attn, random_attn = joint_softmax(
+        (band.view(batch, n, -1), globals_.view(batch, n, -1),
+         gather.unpack(random, -math.inf).view(batch, n, -1)),
+        (None if band_bias is None else band_bias.view(n, -1), global_bias, None))
+    return (band_attn.view(band.shape), global_attn.view(globals_.shape),
+            gather.pack(random_attn.view(batch * n, -1)))
