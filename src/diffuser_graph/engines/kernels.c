@@ -1,5 +1,7 @@
 /* The block engine's compiled loops; built by diffuser_graph.engines.native on first use. Each
- * call handles rows [first, last), so callers can split the rows between threads.
+ * call splits its rows between `threads` threads of the OpenMP runtime torch runs on (the
+ * library is loaded after torch, so its libgomp is torch's own): threads of our own would
+ * compete for the cores with torch's, which spin for a while after each of torch's ops.
  *
  * Gathered dot products, out[e] = q[i] . table[keys[e]] for the entries e of query i:
  * torch.sparse.sampled_addmm does this on the CPU with one scalar dot per entry and no
@@ -14,6 +16,17 @@
  * stays in the L1 cache from its maximum to its normalisation.
  */
 #include <stdint.h>
+
+#define CHUNK 64 /* rows per share of the work handed to a thread */
+
+/* CALL(first, last) for the rows [0, rows) in shares of CHUNK rows, on `threads` threads */
+#define IN_PARALLEL(rows, threads, CALL)                                                       \
+    _Pragma("omp parallel for schedule(dynamic) num_threads(threads)")                        \
+    for (int64_t share = 0; share < ((rows) + CHUNK - 1) / CHUNK; ++share) {                   \
+        const int64_t first = share * CHUNK;                                                   \
+        const int64_t last = first + CHUNK < (rows) ? first + CHUNK : (rows);                  \
+        CALL;                                                                                  \
+    }
 
 #define AHEAD 16 /* entries between a row's prefetch and its use */
 #define LINE 64  /* bytes per cache line */
@@ -36,8 +49,9 @@
     }
 
 #define GATHERED_DOT(NAME, T)                                                                  \
-    void NAME(const T *q, const T *table, const int64_t *offsets, const int64_t *keys,       \
-              T *out, int64_t first, int64_t last, int64_t dim, int accumulate) {             \
+    static void NAME##_rows(const T *q, const T *table, const int64_t *offsets,               \
+                            const int64_t *keys, T *out, int64_t first, int64_t last,         \
+                            int64_t dim, int accumulate) {                                     \
         const int64_t end = offsets[last];                                                     \
         switch (dim) {                                                                         \
         case 16: QUERIES(T, 16) break;                                                         \
@@ -46,6 +60,11 @@
         case 128: QUERIES(T, 128) break;                                                       \
         default: QUERIES(T, dim)                                                               \
         }                                                                                      \
+    }                                                                                          \
+    void NAME(const T *q, const T *table, const int64_t *offsets, const int64_t *keys,       \
+              T *out, int64_t rows, int64_t dim, int accumulate, int threads) {                \
+        IN_PARALLEL(rows, threads,                                                             \
+                    NAME##_rows(q, table, offsets, keys, out, first, last, dim, accumulate))  \
     }
 
 GATHERED_DOT(gathered_dot_float, float)
@@ -130,13 +149,14 @@ static inline double exp_double(double x) { return __builtin_exp(x); }
 ROW_STEPS(float, int32_t, exp_float)
 ROW_STEPS(double, int64_t, exp_double)
 
-/* In place, for rows [first, last): band (rows, band_width), globals (rows, global_width) and
+/* In place, for every row: band (rows, band_width), globals (rows, global_width) and
  * the packed random scores of row r, random[bounds[r]:bounds[r + 1]], become one softmax.
  * Row r adds row r % bias_rows of band_bias and of global_bias (either may be NULL). */
 #define JOINT_SOFTMAX(NAME, T)                                                                 \
-    void NAME(T *band, const T *band_bias, int64_t band_width, T *globals,                   \
-              const T *global_bias, int64_t global_width, T *random, const int64_t *bounds,  \
-              int64_t bias_rows, int64_t first, int64_t last) {                               \
+    static void NAME##_rows(T *band, const T *band_bias, int64_t band_width, T *globals,     \
+                            const T *global_bias, int64_t global_width, T *random,            \
+                            const int64_t *bounds, int64_t bias_rows, int64_t first,          \
+                            int64_t last) {                                                    \
         for (int64_t r = first; r < last; ++r) {                                               \
             T *b = band + r * band_width, *g = globals + r * global_width;                     \
             T *x = random + bounds[r];                                                         \
@@ -152,15 +172,23 @@ ROW_STEPS(double, int64_t, exp_double)
             scale_##T(g, global_width, 1 / total);                                             \
             scale_##T(x, count, 1 / total);                                                    \
         }                                                                                      \
+    }                                                                                          \
+    void NAME(T *band, const T *band_bias, int64_t band_width, T *globals,                   \
+              const T *global_bias, int64_t global_width, T *random, const int64_t *bounds,  \
+              int64_t bias_rows, int64_t rows, int threads) {                                  \
+        IN_PARALLEL(rows, threads, NAME##_rows(band, band_bias, band_width, globals,         \
+                                               global_bias, global_width, random, bounds,     \
+                                               bias_rows, first, last))                       \
     }
 
 /* The softmax's backward, out = p * (grad - sum over the whole row of p * grad), for the three
  * parts laid out as JOINT_SOFTMAX's (out may be grad itself). */
 #define JOINT_SOFTMAX_BACKWARD(NAME, T)                                                        \
-    void NAME(const T *band, const T *band_grad, T *band_out, int64_t band_width,             \
-              const T *globals, const T *global_grad, T *global_out, int64_t global_width,    \
-              const T *random, const T *random_grad, T *random_out, const int64_t *bounds,     \
-              int64_t first, int64_t last) {                                                   \
+    static void NAME##_rows(const T *band, const T *band_grad, T *band_out,                   \
+                            int64_t band_width, const T *globals, const T *global_grad,       \
+                            T *global_out, int64_t global_width, const T *random,             \
+                            const T *random_grad, T *random_out, const int64_t *bounds,       \
+                            int64_t first, int64_t last) {                                     \
         for (int64_t r = first; r < last; ++r) {                                               \
             const int64_t at = r * band_width, to = r * global_width, from = bounds[r];       \
             const int64_t count = bounds[r + 1] - from;                                        \
@@ -171,6 +199,15 @@ ROW_STEPS(double, int64_t, exp_double)
             grad_##T(global_out + to, globals + to, global_grad + to, global_width, total);   \
             grad_##T(random_out + from, random + from, random_grad + from, count, total);      \
         }                                                                                      \
+    }                                                                                          \
+    void NAME(const T *band, const T *band_grad, T *band_out, int64_t band_width,             \
+              const T *globals, const T *global_grad, T *global_out, int64_t global_width,    \
+              const T *random, const T *random_grad, T *random_out, const int64_t *bounds,     \
+              int64_t rows, int threads) {                                                     \
+        IN_PARALLEL(rows, threads, NAME##_rows(band, band_grad, band_out, band_width,        \
+                                               globals, global_grad, global_out,              \
+                                               global_width, random, random_grad,             \
+                                               random_out, bounds, first, last))              \
     }
 
 JOINT_SOFTMAX(joint_softmax_float, float)

@@ -6,10 +6,16 @@ The random keys' scores and their gradients are dot products of gathered rows,
 scalar dot per entry, without prefetching the rows it gathers; the compiled loop prefetches
 each row a few entries ahead. Measured on this project's CPU for the authors'
 pattern at 4,096 tokens (12 heads x 64, 3.0 M entries, one thread, the same runs):
-73-95 ms against sampled_addmm's 124-145 ms. Large calls are split between the calling thread
-and threads kept for the process: a pool made per call, competing with torch's own threads,
-made the authors' layer with ``recompute_heads=1`` (84 calls of 248 k entries) spend 294-302 ms
-in this loop, against 134-150 ms with kept threads.
+73-95 ms against sampled_addmm's 124-145 ms.
+
+Large calls are split between ``torch.get_num_threads()`` threads of OpenMP, on torch's own
+runtime: the library links ``libgomp.so.1``, which is torch's (a PyPI wheel ships its copy under
+that name, loaded before this library). Threads of our own competed for the cores with torch's
+workers, which spin for a while after each of torch's ops: with them, a gathered dot of the
+authors' layer (2 heads, 496 k entries) took 3.2 ms right after a matmul against 2.2 ms
+without one, and one thread 3.3-3.4 ms. As for torch's own operators, a child forked after
+the parent ran them on several threads must run on one (``torch.set_num_threads(1)``, as
+torch's DataLoader workers do): libgomp's threads do not survive a fork.
 
 The softmax over a query's band, global keys and random keys together (:func:`joint_softmax_`)
 runs in place, row by row, on the random keys' packed scores; in torch it needs them in a
@@ -36,8 +42,6 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,16 +49,16 @@ import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-         "-fno-trapping-math", "-shared", "-fPIC")
+         "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC")
 SWITCH = "DIFFUSER_GRAPH_NATIVE"  # "0" turns the compiled loop off
 ENTRIES_PER_THREAD = 1 << 15  # below this many entries per thread, one thread does all
 ROWS_PER_THREAD = 1 << 10  # the joint softmax's rows (of a few hundred values each) likewise
 TYPES = {torch.float32: "float", torch.float64: "double"}
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 ARGUMENTS = {  # each kernel's C arguments (it exists once per type: gathered_dot_float, ...)
-    "gathered_dot": [_P] * 5 + [_I, _I, _I, ctypes.c_int],
-    "joint_softmax": [_P, _P, _I, _P, _P, _I, _P, _P, _I, _I, _I],
-    "joint_softmax_backward": [_P, _P, _P, _I, _P, _P, _P, _I, _P, _P, _P, _P, _I, _I],
+    "gathered_dot": [_P] * 5 + [_I, _I, ctypes.c_int, ctypes.c_int],
+    "joint_softmax": [_P, _P, _I, _P, _P, _I, _P, _P, _I, _I, ctypes.c_int],
+    "joint_softmax_backward": [_P, _P, _P, _I, _P, _P, _P, _I, _P, _P, _P, _P, _I, ctypes.c_int],
 }
 
 
@@ -138,19 +142,6 @@ def _address(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _in_parallel(run: Callable[[int, int], None], cuts: list[int]) -> None:
-    """``run(first, last)`` for each pair of consecutive ``cuts``: the calling thread takes the
-    first share and threads kept for the process the others (ctypes releases the GIL)."""
-    if len(cuts) == 2:
-        run(cuts[0], cuts[1])
-        return
-    others = [_pool(len(cuts) - 2, os.getpid()).submit(run, first, last)
-              for first, last in zip(cuts[1:-1], cuts[2:], strict=True)]
-    run(cuts[0], cuts[1])
-    for share in others:
-        share.result()
-
-
 def _threads(work: int, per_thread: int) -> int:
     return max(1, min(torch.get_num_threads(), work // per_thread))
 
@@ -177,16 +168,8 @@ def gathered_dot(q: torch.Tensor, table: torch.Tensor, bounds: torch.Tensor, key
     rows, dim = q.shape
     entries = keys.numel()
     out = add_to if add_to is not None else q.new_empty(entries)
-    addresses = (q.data_ptr(), table.data_ptr(), bounds.data_ptr(), keys.data_ptr(),
-                 out.data_ptr())
-
-    def run(first: int, last: int) -> None:
-        function(*addresses, first, last, dim, int(add_to is not None))
-
-    threads = _threads(entries, ENTRIES_PER_THREAD)
-    # split by entries, not queries: a query's entries vary in number
-    splits = torch.searchsorted(bounds, torch.arange(1, threads) * (entries // threads))
-    _in_parallel(run, [0, *splits.tolist(), rows])
+    function(q.data_ptr(), table.data_ptr(), bounds.data_ptr(), keys.data_ptr(), out.data_ptr(),
+             rows, dim, int(add_to is not None), _threads(entries, ENTRIES_PER_THREAD))
     return out
 
 
@@ -218,15 +201,9 @@ def joint_softmax_(band: torch.Tensor, band_bias: torch.Tensor | None, globals_:
     rows, band_width = band.numel() // band.shape[-1], band.shape[-1]
     biases = [bias for bias in (band_bias, global_bias) if bias is not None]
     bias_rows = biases[0].numel() // biases[0].shape[-1] if biases else 1
-    addresses = (band.data_ptr(), _address(band_bias), band_width, globals_.data_ptr(),
-                 _address(global_bias), globals_.shape[-1], random.data_ptr(),
-                 bounds.data_ptr(), bias_rows)
-
-    def run(first: int, last: int) -> None:
-        function(*addresses, first, last)
-
-    threads = _threads(rows, ROWS_PER_THREAD)
-    _in_parallel(run, [rows * i // threads for i in range(threads + 1)])
+    function(band.data_ptr(), _address(band_bias), band_width, globals_.data_ptr(),
+             _address(global_bias), globals_.shape[-1], random.data_ptr(), bounds.data_ptr(),
+             bias_rows, rows, _threads(rows, ROWS_PER_THREAD))
     return True
 
 
@@ -245,21 +222,8 @@ def joint_softmax_backward(probabilities: tuple[torch.Tensor, ...],
     outputs = tuple(torch.empty_like(g) for g in grads)
     (band, globals_, random), (band_grad, global_grad, random_grad) = probabilities, grads
     rows = band.numel() // band.shape[-1]
-    addresses = (band.data_ptr(), band_grad.data_ptr(), outputs[0].data_ptr(), band.shape[-1],
-                 globals_.data_ptr(), global_grad.data_ptr(), outputs[1].data_ptr(),
-                 globals_.shape[-1], random.data_ptr(), random_grad.data_ptr(),
-                 outputs[2].data_ptr(), bounds.data_ptr())
-
-    def run(first: int, last: int) -> None:
-        function(*addresses, first, last)
-
-    threads = _threads(rows, ROWS_PER_THREAD)
-    _in_parallel(run, [rows * i // threads for i in range(threads + 1)])
+    function(band.data_ptr(), band_grad.data_ptr(), outputs[0].data_ptr(), band.shape[-1],
+             globals_.data_ptr(), global_grad.data_ptr(), outputs[1].data_ptr(),
+             globals_.shape[-1], random.data_ptr(), random_grad.data_ptr(), outputs[2].data_ptr(),
+             bounds.data_ptr(), rows, _threads(rows, ROWS_PER_THREAD))
     return outputs
-
-
-@functools.cache
-def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
-    """Threads for :func:`gathered_dot`, made once per process (``pid``: a forked child has
-    none of its parent's threads, so it makes its own)."""
-    return ThreadPoolExecutor(workers, thread_name_prefix="gathered_dot")
