@@ -538,6 +538,9 @@ class _Diffusion(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         theta, hops = ctx.diffusion.coefficients, ctx.diffusion.hops
+        # a loss such as out.sum() hands back an expanded (stride 0) gradient, which the batched
+        # matmuls read 4-5x slower than a copy of it (40 ms against 9 at 16k tokens, 4 heads)
+        grad = grad.contiguous()
         saved = ctx.saved_tensors
         attention = tuple(saved[:ctx.parts])
         inputs = saved[ctx.parts:ctx.parts + hops] if ctx.inputs else None
