@@ -125,6 +125,26 @@ def test_a_failing_build_warns_and_falls_back(fresh_library, monkeypatch, tmp_pa
         torch.testing.assert_close(g.gather_dot(q, table), dense_dots(g, q, table))
 
 
+@pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
+def test_a_compiler_without_openmp_builds_the_loops_for_one_thread(fresh_library, monkeypatch,
+                                                                    tmp_path):
+    monkeypatch.setattr(native, "PARALLEL", ("-fno-such-flag",))  # what such a compiler refuses
+    monkeypatch.setattr(native, "ENTRIES_PER_THREAD", 16)
+    torch.set_num_threads(2)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning: the loops are there
+            assert native.library() is not None
+        assert len(list((tmp_path / "diffuser-graph").glob("kernels-*.so"))) == 1
+        g = gather()
+        q = torch.randn(g.shape[0] * g.shape[1], 16, dtype=torch.float64)
+        table = torch.randn(g.shape[0] * g.shape[2], 16, dtype=torch.float64)
+        torch.testing.assert_close(native.gathered_dot(q, table, g.bounds, g.key),
+                                   dense_dots(g, q, table), rtol=1e-12, atol=1e-12)
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_no_compiler_on_the_path_warns(fresh_library, monkeypatch):
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(native.shutil, "which", lambda name: None)

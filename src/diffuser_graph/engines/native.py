@@ -49,7 +49,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-         "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC")
+         "-fno-trapping-math", "-shared", "-fPIC")
+PARALLEL = ("-fopenmp",)  # a compiler without OpenMP builds the loops without it, on one thread
 SWITCH = "DIFFUSER_GRAPH_NATIVE"  # "0" turns the compiled loop off
 ENTRIES_PER_THREAD = 1 << 15  # below this many entries per thread, one thread does all
 ROWS_PER_THREAD = 1 << 10  # the joint softmax's rows (of a few hundred values each) likewise
@@ -76,10 +77,10 @@ def _cpu() -> str:
     return platform.machine() + flags
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flags: tuple[str, ...]) -> Path:
     """The shared library in the cache, compiled first if it is not there yet."""
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
                                      _cpu().encode()])).hexdigest()[:16]
     path = cache_dir() / f"kernels-{key}.so"
     if path.exists():
@@ -87,7 +88,7 @@ def _build(compiler: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as build:  # concurrent builds each
         built = Path(build) / path.name                              # rename a whole file
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
                               capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise subprocess.SubprocessError(done.stderr.strip()[-500:] or
@@ -107,10 +108,14 @@ def library() -> ctypes.CDLL | None:
                       "torch.sparse.sampled_addmm and its softmax torch's rectangular path, "
                       "which are slower on the CPU", stacklevel=2)
         return None
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.SubprocessError) as err:
-        warnings.warn(f"building {SOURCE.name} with {compiler} failed ({err}); the block "
+    for flags in (FLAGS + PARALLEL, FLAGS):
+        try:
+            lib = ctypes.CDLL(str(_build(compiler, flags)))
+            break
+        except (OSError, subprocess.SubprocessError) as err:
+            error = err
+    else:
+        warnings.warn(f"building {SOURCE.name} with {compiler} failed ({error}); the block "
                       "engine's random keys use torch.sparse.sampled_addmm and its softmax "
                       "torch's rectangular path", stacklevel=2)
         return None
