@@ -40,7 +40,7 @@ from measure import (  # noqa: E402
     peak_memory,
     ran_one_case,
     reset_peak_memory,
-    run_in_subprocess,
+    run_in_rounds,
     time_step,
 )
 
@@ -216,7 +216,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# One attention layer with its projections ({meta['machine']})", "",
              f"Device {meta['device']}, {meta['threads']} threads, hidden {meta['hidden']} = "
              f"{meta['heads']} heads × {meta['hidden'] // meta['heads']}, fp32, pattern "
-             f"`{meta['pattern']}`, K = {meta['hops']} for Diffuser. Times are medians, "
+             f"`{meta['pattern']}`, K = {meta['hops']} for Diffuser. Times are medians"
+             + (f" over {meta['rounds']} rounds of every case taken in turns (peaks: the "
+                "largest)" if meta.get("rounds", 1) > 1 else "") + ", "
              "forward+backward includes the gradients of the input and every weight; ratios are "
              "against the same run's rows at the same n.", "",
              "| n | layer | engine / kernel | keys per query | hops | fwd (s) | fwd+bwd (s) | "
@@ -257,6 +259,10 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=float, default=30.0, help="seconds of repeats per case")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every case this many times, the cases taking turns; report "
+                             "the median time and the largest peak (this machine's speed "
+                             "drifts by 10-20%% between runs)")
     add_case_options(parser)
     args = parser.parse_args(argv)
     if ran_one_case(args, run_case):
@@ -279,12 +285,16 @@ def main(argv=None) -> int:
                 continue  # DGL's PyPI wheel has no CUDA kernels
             else:
                 todo.append(case)
-    rows += [run_in_subprocess(__file__, case, args.timeout) for case in tqdm(todo, desc="layers")]
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    with tqdm(total=len(todo) * args.rounds, desc="layers") as bar:
+        rows += run_in_rounds(__file__, todo, args.rounds, args.timeout, bar.update)
     rows.sort(key=lambda r: (r["n"], list(LAYERS).index(r["impl"])))
     add_ratios(rows)
     meta = {"machine": machine(torch.device(args.device)), "device": args.device,
             "threads": args.threads, "hidden": preset["hidden"], "heads": preset["heads"],
-            "pattern": preset["pattern"], "hops": args.hops, "preset": args.preset}
+            "pattern": preset["pattern"], "hops": args.hops, "preset": args.preset,
+            "rounds": args.rounds}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"layers-{args.preset}" + ("-cuda" if on_cuda else "")

@@ -102,6 +102,33 @@ def ran_one_case(args: argparse.Namespace, run_case: Callable[[dict], dict]) -> 
     return bool(args.case)
 
 
+def run_in_rounds(script: str, cases: list[dict], rounds: int, timeout: float,
+                  progress: Callable[[int], object] = lambda done: None) -> list[dict]:
+    """Each case ``rounds`` times, one fresh process each, the cases taking turns (round 1 of
+    every case, then round 2, ...) so that a slow spell of a shared machine falls on all of
+    them rather than on one case's repeats. Per case: the median of each time over its rounds,
+    the largest peak memory, and every round's result under ``"rounds"`` (one round: the result
+    as it is). A case that fails in any round is reported with that round's error."""
+    results: list[list[dict]] = [[] for _ in cases]
+    for _ in range(rounds):
+        for index, case in enumerate(cases):
+            results[index].append(run_in_subprocess(script, case, timeout))
+            progress(1)
+    merged = []
+    for runs in results:
+        failed = [run for run in runs if "error" in run]
+        if rounds == 1 or failed:
+            merged.append(failed[0] if failed else runs[0])
+            continue
+        row = {**runs[0], "rounds": runs}
+        for key in runs[0]:
+            if key.endswith("_s") and key != "budget_s":
+                row[key] = statistics.median(run[key] for run in runs)
+        row["peak_memory_bytes"] = max(run["peak_memory_bytes"] for run in runs)
+        merged.append(row)
+    return merged
+
+
 def run_in_subprocess(script: str, case: dict, timeout: float) -> dict:
     """Run ``script --case JSON`` in a fresh interpreter; its last stdout line is the result."""
     command = [sys.executable, script, "--case", json.dumps(case)]

@@ -115,6 +115,37 @@ def test_layer_suite_writes_ratios_and_names_missing_peers(tmp_path, monkeypatch
     assert f"{causal['time_vs_noncausal']:.2f}× at 256" in table
 
 
+def test_rounds_take_turns_and_report_medians_and_the_largest_peak(monkeypatch):
+    measure = importlib.import_module("measure")  # benchmarks/ is on the path: layers loaded it
+    calls = []
+    times = {"a": iter([3.0, 1.0, 2.0]), "b": iter([5.0, 4.0, 6.0])}
+
+    def fake(script, case, timeout):
+        calls.append(case["impl"])
+        if case["impl"] == "c" and len(calls) > 3:
+            return {**case, "error": "out of memory"}
+        seconds = next(times[case["impl"]]) if case["impl"] in times else 1.0
+        return {**case, "forward_s": seconds / 2, "forward_backward_s": seconds,
+                "peak_memory_bytes": int(seconds * 100)}
+
+    monkeypatch.setattr(measure, "run_in_subprocess", fake)
+    cases = [{"impl": impl, "budget_s": 9.0} for impl in "abc"]
+    a, b, c = measure.run_in_rounds("script", cases, 3, 1.0)
+    assert calls == list("abc") * 3  # round by round, not case by case
+    assert (a["forward_backward_s"], a["forward_s"], a["peak_memory_bytes"]) == (2.0, 1.0, 300)
+    assert (b["forward_backward_s"], b["peak_memory_bytes"]) == (5.0, 600)
+    assert [r["forward_backward_s"] for r in a["rounds"]] == [3.0, 1.0, 2.0]
+    assert a["budget_s"] == 9.0 and c["error"] == "out of memory"
+    assert measure.run_in_rounds("script", [{"impl": "d", "budget_s": 9.0}], 1, 1.0)[0].keys() == {
+        "impl", "budget_s", "forward_s", "forward_backward_s", "peak_memory_bytes"}
+
+
+def test_layer_suite_refuses_no_rounds(capsys):
+    with pytest.raises(SystemExit):
+        layers.main(["--rounds", "0"])
+    assert "--rounds must be at least 1" in capsys.readouterr().err
+
+
 TRAINING_SCRIPT = SCRIPT.with_name("training.py")
 training_spec = importlib.util.spec_from_file_location("training_benchmark", TRAINING_SCRIPT)
 training = importlib.util.module_from_spec(training_spec)
