@@ -132,10 +132,9 @@ def _kernel(name: str, *tensors: torch.Tensor | None) -> Any:
     library, a tensor off the CPU, or of another (or no supported) dtype."""
     present = [t for t in tensors if t is not None]
     dtype = present[0].dtype
-    if dtype not in TYPES or any(t.device.type != "cpu" or t.dtype != dtype for t in present):
+    if not all(available(t) and t.dtype == dtype for t in present):
         return None
-    lib = library()
-    return None if lib is None else getattr(lib, f"{name}_{TYPES[dtype]}")
+    return getattr(library(), f"{name}_{TYPES[dtype]}")
 
 
 def available(x: torch.Tensor) -> bool:
