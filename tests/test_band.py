@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from diffuser_graph.engines.band import (
     BandGeometry,
@@ -14,7 +15,7 @@ from diffuser_graph.engines.band import (
 )
 
 GEOMETRIES = [BandGeometry(4, 4, 4), BandGeometry(4, 3, 0), BandGeometry(4, 6, 9),
-              BandGeometry(5, 0, 2)]
+              BandGeometry(5, 0, 2), BandGeometry.empty()]
 
 
 def dense_band(geometry: BandGeometry, chunks: int) -> torch.Tensor:
@@ -33,8 +34,8 @@ def as_dense(geometry: BandGeometry, band: torch.Tensor) -> torch.Tensor:
     """A band ``(M, b, width)`` as the dense ``(M b, M b)`` matrix it stands for."""
     chunks = band.shape[0]
     column = dense_band(geometry, chunks)
-    flat = band.reshape(chunks * geometry.block, geometry.width)
-    return torch.where(column >= 0, flat.gather(1, column.clamp(min=0)), 0.0)
+    flat = F.pad(band.reshape(chunks * geometry.block, geometry.width), (0, 1))  # column -1: 0
+    return flat.gather(1, torch.where(column >= 0, column, geometry.width))
 
 
 @pytest.mark.parametrize("chunks", [1, 2, 5])

@@ -96,33 +96,50 @@ def test_layout_holds_exactly_the_graphs_edges():
 
 
 def test_auto_prefers_block_only_where_it_measured_faster():
-    wide, medium, narrow = (PatternSpec(window=w, causal=True) for w in (32, 8, 2))
-    assert prefer_block(wide, [128] * 16) and prefer_block(wide, [4096])
-    assert not prefer_block(wide, [60] * 32)
-    assert prefer_block(medium, [256] * 8) and not prefer_block(medium, [128] * 16)
-    assert not prefer_block(narrow, [4096])
-    both_sides = PatternSpec(window=4, num_random=2)
-    assert prefer_block(both_sides, [256] * 32) and not prefer_block(both_sides, [64] * 32)
-    assert not prefer_block(PatternSpec(window=2), [4096])
+    banded = [PatternSpec(window=32), PatternSpec(window=16, causal=True)]
+    for spec in banded:
+        assert prefer_block(spec, [128] * 16) and prefer_block(spec, [4096])
+        assert not prefer_block(spec, [60] * 32)
+    gathered = [PatternSpec(window=2), PatternSpec(window=8, causal=True),
+                PatternSpec(kind="grid", image_size=(4, 4))]  # local edges without a band
+    for spec in gathered:
+        assert prefer_block(spec, [16] * 8)
+    assert prefer_block(PatternSpec(window=2), [4096])
+    assert not prefer_block(PatternSpec(window=1), [4] * 32)
+    assert not prefer_block(PatternSpec(kind="grid", image_size=(2, 2)), [4])  # all global
     assert prefer_block(PatternSpec(kind="official"), [1024])
+    assert not prefer_block(PatternSpec(kind="official"), [128])
+
+
+NO_BAND = (1, 0, -1)  # BandGeometry.empty(): every local edge gathered
 
 
 @pytest.mark.parametrize("spec,geometry", [
-    (PatternSpec(window=5), (16, 5, 5)),
-    (PatternSpec(window=20, dilation=2), (40, 40, 40)),
-    (PatternSpec(window=8, causal=True), (16, 8, 0)),
-    (PatternSpec(kind="grid", image_size=(8, 12), window=1), (16, 13, 13)),
+    (PatternSpec(window=12), (16, 12, 12)),
+    (PatternSpec(window=32, num_random=3), (32, 32, 32)),
+    (PatternSpec(window=16, causal=True), (16, 16, 0)),
+    (PatternSpec(kind="grid", image_size=(4, 5), window=2), (16, 12, 12)),
     (PatternSpec(kind="official"), (32, 32, 32)),
+    # a band mostly of holes: 11 edges in 26 keys, 41 (dilated) in 120, 9 in 24, 9 in 45
+    (PatternSpec(window=5), NO_BAND),
+    (PatternSpec(window=20, dilation=2), NO_BAND),
+    (PatternSpec(window=8, causal=True), NO_BAND),
+    (PatternSpec(kind="grid", image_size=(8, 12), window=1, num_random=1), NO_BAND),
 ])
-def test_every_pattern_kind_has_a_band_that_holds_its_local_edges(spec, geometry):
+def test_local_edges_lie_in_a_band_unless_it_would_be_mostly_holes(spec, geometry):
     from diffuser_graph.engines.block import band_geometry
 
     shape = band_geometry(spec)
     assert (shape.block, shape.left, shape.right) == geometry
-    n = 96 if spec.kind == "grid" else 600
+    n = spec.image_size[0] * spec.image_size[1] if spec.kind == "grid" else 600
     layout = block_layout(n, spec)
-    band, randoms = int(layout.band_mask.sum()), int(layout.random_mask.sum())
-    assert band > 5 * randoms  # most edges are in the band, not gathered
+    band, gathered = int(layout.band_mask.sum()), int(layout.random_mask.sum())
+    if geometry == NO_BAND:
+        assert band == 0 and layout.padded == n  # blocks of one query: nothing padded
+        local = build_graph(n, spec.model_copy(update={"num_random": 0})).num_edges()
+        assert gathered == local + n * spec.num_random  # every local and random edge
+    else:
+        assert band > 5 * gathered  # most edges are in the band, not gathered
     if spec.kind == "official":  # the authors' globals that fall below n: full rows and columns
         from diffuser_graph.patterns import _official_adjacency
 

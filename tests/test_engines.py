@@ -29,6 +29,11 @@ PATTERNS = {
                                        max_len=256)),
     "grid": ([42], PatternSpec(kind="grid", image_size=(6, 7), window=1, num_global=1,
                                num_random=2)),
+    # the block engine gathers the local edges of the patterns above; these keep its band
+    "wide window": ([48, 31], PatternSpec(window=12, num_global=1, num_random=2)),
+    "wide causal window": ([40, 13], PatternSpec(window=16, num_global=1, num_random=2,
+                                                 causal=True)),
+    "wide grid": ([20], PatternSpec(kind="grid", image_size=(4, 5), window=2, num_random=1)),
 }
 DIFFUSIONS = [dict(alpha=0.1, hops=5), dict(alpha=0.0, hops=1), dict(alpha=0.5, hops=3),
               dict(kernel="heat", hops=4, t=2.0)]
@@ -174,9 +179,10 @@ def test_auto_chooses_per_device_and_pattern():
     wide, narrow = PatternSpec(window=32, num_random=3), PatternSpec(window=2)
     grid = PatternSpec(kind="grid", image_size=(8, 8))
     assert choose_engine("auto", wide, [4096], cpu) == "block"
-    assert choose_engine("auto", narrow, [4096], cpu) == "dgl"
+    assert choose_engine("auto", narrow, [4096], cpu) == "block"  # its local edges gathered
+    assert choose_engine("auto", narrow, [4] * 16, cpu) == "dgl"
     assert choose_engine("auto", grid, [64], cpu) == "block"
-    assert choose_engine("auto", PatternSpec(kind="grid", image_size=(4, 4)), [16], cpu) == "dgl"
+    assert choose_engine("auto", PatternSpec(kind="grid", image_size=(2, 2)), [4], cpu) == "dgl"
     assert choose_engine("auto", PatternSpec(kind="official"), [1024], cpu) == "block"
     # DGL has no GPU kernels in its PyPI wheel: every pattern gets a pure-torch engine there.
     assert choose_engine("auto", narrow, [64], cuda) == "block"

@@ -43,6 +43,12 @@ class BandGeometry:
     left: int
     right: int
 
+    @classmethod
+    def empty(cls) -> BandGeometry:
+        """No band (width 0, blocks of one query: nothing to pad): every product is zero, so
+        a layout can gather all its local edges instead."""
+        return cls(1, 0, -1)
+
     @property
     def width(self) -> int:
         return self.left + self.block + self.right
@@ -51,6 +57,8 @@ class BandGeometry:
     def transposed(self) -> BandGeometry:
         """The band of the transposed matrix: the keys of block ``c`` are reached by the query
         blocks ``c - ceil(right / b)`` to ``c + ceil(left / b)``."""
+        if not self.width:
+            return self
         b = self.block
         return BandGeometry(b, b * math.ceil(self.right / b), b * math.ceil(self.left / b))
 
@@ -100,6 +108,8 @@ def band_scores(geometry: BandGeometry, q: torch.Tensor, k: torch.Tensor,
                 add_to: torch.Tensor | None = None) -> torch.Tensor:
     """``q, k: (M, b, D) -> (M, b, width)``; 0 where the window runs past the stack. With
     ``add_to``, the scores are added to it in place (inside the matmuls) and it is returned."""
+    if not geometry.width:
+        return q.new_empty(q.shape[0], geometry.block, 0) if add_to is None else add_to
     if add_to is None:
         out = q.new_empty(q.shape[0], geometry.block, geometry.width)
         for chunks, keys in _windows(geometry, k):
@@ -114,6 +124,9 @@ def band_apply(geometry: BandGeometry, a: torch.Tensor, z: torch.Tensor,
                add_to: torch.Tensor | None = None) -> torch.Tensor:
     """``a: (M, b, width), z: (M, b, D) -> (M, b, D)``. With ``add_to: (M, b, D)``, the
     products are added to it in place (inside the matmuls) and it is returned."""
+    if not geometry.width:
+        return torch.zeros_like(z, memory_format=torch.contiguous_format) if add_to is None \
+            else add_to
     if add_to is None:
         out = torch.empty_like(z, memory_format=torch.contiguous_format)
         for chunks, rows in _windows(geometry, z):
@@ -128,6 +141,8 @@ def band_apply_transposed(geometry: BandGeometry, a: torch.Tensor, g: torch.Tens
                           add_to: torch.Tensor | None = None) -> torch.Tensor:
     """``a: (M, b, width), g: (M, b, D) -> (M, b, D)``: the adjoint of :func:`band_apply` in z;
     added to ``add_to: (M, b, D)`` in place when given."""
+    if not geometry.width:
+        return band_apply(geometry, a, g, add_to)
     count = g.shape[0]
     centre = a[:, :, geometry.left:geometry.left + geometry.block].transpose(1, 2)
     out = torch.bmm(centre, g) if add_to is None else add_to.baddbmm_(centre, g)

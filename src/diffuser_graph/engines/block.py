@@ -8,8 +8,11 @@ after it). This engine cuts the queries into blocks of ``b`` tokens and computes
 against the ``left + b + right`` keys its band can reach with batched dense matmuls, masking the
 pairs that are not edges. Global tokens (full rows and columns of the pattern, causally full for
 a causal one) become dense ``(N, G)`` and ``(G, N)`` products, and the few remaining edges (the
-random keys) gathered products that do not keep the gathered rows (:mod:`.gathered`). The
-softmax runs jointly over all parts, so the function is exactly the DGL engine's.
+random keys) gathered products that do not keep the gathered rows (:mod:`.gathered`). Where the
+band would be mostly holes (a grid's 3 x 3 neighbourhood spans 51 keys of a 16-pixel-wide
+image for 9 edges; a dilated or narrow window) there is no band and the local edges are
+gathered with the random keys (:func:`band_geometry`). The softmax runs jointly over all parts,
+so the function is exactly the DGL engine's.
 
 The pattern's DGL graph stays the single description: :func:`block_layout` reads every part from
 the graph's edges (the spec only chooses the band's geometry) and checks that band, globals and
@@ -51,40 +54,51 @@ def supports(spec: PatternSpec) -> bool:
 def prefer_block(spec: PatternSpec, lengths: Sequence[int]) -> bool:
     """What ``engine="auto"`` picks on the CPU: the block engine where it measured faster than DGL.
 
-    Measured on this project's CPU (forward+backward of a layer, K = 4-5, and training steps):
-    for windows to both sides the block engine wins from 4 tokens of reach and 128 tokens per
-    sequence (window 4 + 2 random, 32 x 256 tokens, one thread: 2.96 training steps/s of
-    multihop-small against DGL's 2.08); for causal windows from 16 tokens of reach and 128 tokens
-    (causal window 16, 16 x 256 tokens: 0.114 s against DGL's 0.147), and from 8 tokens of reach
-    and 256 tokens; for the official pattern from 256 tokens (at 2,048: 0.69 s against 1.38); on
-    grids from 64 tokens (8 x 8 to 32 x 32 images, 3 x 3 and 5 x 5 neighbourhoods, K = 5 layer:
-    1.4-2.5x faster than DGL; training steps/s of pathfinder-small 2.7 against 1.96, image-small
-    12.1 against 7.2; at K = 1 the two engines are within 15 % of each other).
+    Measured on this project's CPU (forward+backward of a layer, K = 4-5, and training steps).
+    Patterns whose local edges are gathered (no band, :func:`band_geometry`) win from 8 tokens
+    per sequence: K = 5, 4 heads x 16, one thread, 2.0-3.5x faster than DGL for windows of 0-4
+    tokens (causal or not, 8 to 4,096 tokens per sequence) and 3 x 3 grids on 4 x 4 to 6 x 6
+    images, even with six lengths in a batch (mean 35 tokens); 2.3x slower on 2 x 2 images, where
+    every pixel is a global token. With a band (windows of 7 or more tokens to both sides, 15 or
+    more causal): windows from 128 tokens per sequence (causal window 16, 16 x 256 tokens: 0.114
+    s against DGL's 0.147); the official pattern from 256 tokens (at 2,048: 0.69 s against
+    1.38); grids from 64 tokens.
     """
     if not supports(spec) or not len(lengths):
         return False
     mean_length = sum(lengths) / len(lengths)
+    if not band_geometry(spec).width:
+        return mean_length >= 8
     if spec.kind == "window":
-        reach = spec.window * spec.dilation
-        if not spec.causal:
-            return reach >= 4 and mean_length >= 128
-        return (reach >= 16 and mean_length >= 128) or (reach >= 8 and mean_length >= 256)
+        return mean_length >= 128
     if spec.kind == "grid":
         return mean_length >= 64
     return spec.kind == "official" and mean_length >= 256
 
 
+# A gathered edge costs about as much as this many band entries: a query's band is read whole,
+# edges or not, at matmul speed, its gathered keys one row at a time. Measured on this project's
+# CPU (3 x 3 grid neighbourhoods, 8 x 8 to 32 x 32 images, head size 16 and 64): 1.4-1.9.
+GATHER_COST = 2
+
+
 def band_geometry(spec: PatternSpec) -> BandGeometry:
-    """The narrowest band that holds a pattern's local edges."""
+    """Where a pattern's local edges are computed: the narrowest band that holds them, or no
+    band (:meth:`BandGeometry.empty`: all gathered) where that band would be mostly holes, as
+    for a grid's neighbourhood (a 3 x 3 one on a 16-pixel-wide image spans 51 keys for 9
+    edges) or a dilated window."""
     if spec.kind == "official":
         stride = spec.window // 2
         return BandGeometry(stride, stride, stride)
+    side = spec.window * (1 if spec.causal else 2) + 1  # keys per query along one axis
     if spec.kind == "grid":
         assert spec.image_size is not None
         reach = spec.window * spec.dilation * (spec.image_size[1] + 1)
+        local = spec.window * (2 * spec.window + 1) + side if spec.causal else side * side
     else:
-        reach = spec.window * spec.dilation
-    return BandGeometry(max(reach, 16), reach, 0 if spec.causal else reach)
+        reach, local = spec.window * spec.dilation, side
+    band = BandGeometry(max(reach, 16), reach, 0 if spec.causal else reach)
+    return band if local * GATHER_COST >= band.width else BandGeometry.empty()
 
 
 @dataclass(frozen=True)
@@ -162,14 +176,15 @@ def _global_tokens(src: np.ndarray, dst: np.ndarray, n: int, causal: bool) -> np
 def block_layout(seq_len: int, spec: PatternSpec, block: int = 0) -> BlockLayout:
     """The layout of ``spec`` on ``seq_len`` tokens, read from its DGL graph.
 
-    ``block``: query block size (0: the pattern's own, see :func:`band_geometry`).
+    ``block``: query block size (0: the pattern's own, see :func:`band_geometry`; a pattern
+    without a band keeps blocks of one query).
     """
     if not supports(spec):
         raise ValueError(f"the block engine computes window, grid and official patterns, not "
                          f"kind={spec.kind!r}")
     n = seq_len
     geometry = band_geometry(spec)
-    if block:
+    if block and geometry.width:
         geometry = BandGeometry(block, geometry.left, geometry.right)
     src, dst = (t.numpy() for t in build_graph(n, spec).edges())
     edges = dst * n + src  # sorted, unique: build_graph sorts by (dst, src)
@@ -307,7 +322,9 @@ def _transposed_parts(layout: BlockLayout, parts: Sequence[torch.Tensor],
     takes the global queries' part back out, a ``(G, G)`` product instead of a copy."""
     band_attn, global_attn, random_attn, rows = parts
     band = band_transpose(layout.geometry, band_attn)
-    band.view(global_attn.shape[0], -1).index_fill_(1, layout.transposed_global_queries, 0)
+    sequences = global_attn.shape[0]
+    band.view(sequences, band.numel() // sequences).index_fill_(
+        1, layout.transposed_global_queries, 0)
     return band, global_attn, random_attn.index_select(0, gather.by_key), rows
 
 
@@ -347,8 +364,9 @@ def _attention_grads(layout: BlockLayout, g: torch.Tensor, z: torch.Tensor, gath
     z = z.transpose(1, 2)
     g_globals = g.index_select(1, glob)
     rows = g_globals @ z if rows is None else rows.baddbmm_(g_globals, z)  # (B, G, padded)
-    for grad in (band.view(batch, padded, -1), to_globals):  # the global rows replaced the
-        grad.index_fill_(1, glob, 0)                          # global queries' parts
+    # the global rows replaced the global queries' parts
+    for grad in (band.view(batch, padded, band.shape[-1]), to_globals):
+        grad.index_fill_(1, glob, 0)
     return band, to_globals, random, rows
 
 

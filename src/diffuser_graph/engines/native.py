@@ -36,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -202,9 +203,9 @@ def joint_softmax_(band: torch.Tensor, band_bias: torch.Tensor | None, globals_:
     function = _kernel("joint_softmax", *parts)
     if function is None or not all(t is None or t.is_contiguous() for t in parts):
         return False
-    rows, band_width = band.numel() // band.shape[-1], band.shape[-1]
+    rows, band_width = bounds.numel() - 1, band.shape[-1]  # the band may be empty
     biases = [bias for bias in (band_bias, global_bias) if bias is not None]
-    bias_rows = biases[0].numel() // biases[0].shape[-1] if biases else 1
+    bias_rows = math.prod(biases[0].shape[:-1]) if biases else 1
     function(band.data_ptr(), _address(band_bias), band_width, globals_.data_ptr(),
              _address(global_bias), globals_.shape[-1], random.data_ptr(), bounds.data_ptr(),
              bias_rows, rows, _threads(rows, ROWS_PER_THREAD))
@@ -225,7 +226,7 @@ def joint_softmax_backward(probabilities: tuple[torch.Tensor, ...],
         return None
     outputs = tuple(torch.empty_like(g) for g in grads)
     (band, globals_, random), (band_grad, global_grad, random_grad) = probabilities, grads
-    rows = band.numel() // band.shape[-1]
+    rows = bounds.numel() - 1
     function(band.data_ptr(), band_grad.data_ptr(), outputs[0].data_ptr(), band.shape[-1],
              globals_.data_ptr(), global_grad.data_ptr(), outputs[1].data_ptr(),
              globals_.shape[-1], random.data_ptr(), random_grad.data_ptr(), outputs[2].data_ptr(),

@@ -119,8 +119,8 @@ def packed_joint_softmax(band: torch.Tensor, globals_: torch.Tensor, random: tor
                                          globals_, random)
     batch, n = gather.shape[:2]
     band_attn, global_attn, random_attn = joint_softmax(
-        (band.view(batch, n, -1), globals_.view(batch, n, -1),
+        (band.view(batch, n, band.shape[-1]), globals_.view(batch, n, globals_.shape[-1]),
          gather.unpack(random, -math.inf).view(batch, n, -1)),
-        (None if band_bias is None else band_bias.view(n, -1), global_bias, None))
+        (None if band_bias is None else band_bias.view(n, band.shape[-1]), global_bias, None))
     return (band_attn.view(band.shape), global_attn.view(globals_.shape),
             gather.pack(random_attn.view(batch * n, -1)))
