@@ -62,17 +62,21 @@ class GatherIndex:
         query, column = torch.nonzero(mask, as_tuple=True)  # one table, query after query
         per_table, counts = query.numel(), mask.sum(dim=1)
         table = torch.arange(batch, device=keys.device).view(batch, 1)
-        row = (query + table * n).flatten()
-        key = (keys[query, column] + table * rows).flatten()
-        starts = torch.cumsum(counts, 0) - counts
-        by_key = torch.argsort(key, stable=True)
-        key_counts = torch.bincount(key, minlength=batch * rows)
+
+        def tiled(x: torch.Tensor, step: int) -> torch.Tensor:
+            """One table's ``x`` for every table, table ``t``'s plus ``t * step``."""
+            return (x + table * step).flatten()
+
+        key = keys[query, column]
+        order = torch.argsort(key, stable=True)  # a table's; each table's keys have their range
+        key_counts = torch.bincount(key, minlength=rows)
         crow = F.pad(torch.cumsum(counts, 0), (1, 0))
-        return cls(row, row * width + column.repeat(batch),
-                   key, F.pad((starts + table * per_table).flatten(), (0, 1), value=row.numel()),
-                   by_key, row[by_key],
-                   torch.cumsum(key_counts, 0) - key_counts, crow.expand(batch, -1).contiguous(),
-                   keys[query, column].expand(batch, -1).contiguous(), (batch, n, rows, width))
+        return cls(tiled(query, n), tiled(query * width + column, n * width), tiled(key, rows),
+                   F.pad(tiled(crow[:-1], per_table), (0, 1), value=batch * per_table),
+                   tiled(order, per_table), tiled(query.index_select(0, order), n),
+                   tiled(torch.cumsum(key_counts, 0) - key_counts, per_table),
+                   crow.expand(batch, -1).contiguous(), key.expand(batch, -1).contiguous(),
+                   (batch, n, rows, width))
 
     @property
     def offsets(self) -> torch.Tensor:
