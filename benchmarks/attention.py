@@ -2,6 +2,8 @@
 
     python benchmarks/attention.py                     # the full suite (make bench)
     python benchmarks/attention.py --lengths 512 1024  # a quick look
+    python benchmarks/attention.py --lengths 16384 65536 131072 --impls block --patterns \
+        window32+2g+3r                                # long sequences: the block engine alone
 
 Each case runs in a fresh subprocess, so its peak memory (max RSS growth over the inputs, or
 CUDA memory allocated above the inputs with ``--device cuda``) is its own. Times are medians of
@@ -133,7 +135,13 @@ def run_case(case: dict) -> dict:
 
 # --- the suite ---------------------------------------------------------------------------------
 
-def cases(lengths, patterns, hops_list, heads, dim, threads, repeats, budget_s, device="cpu"):
+def cases(lengths, patterns, hops_list, heads, dim, threads, repeats, budget_s, device="cpu",
+          impls=IMPLEMENTATIONS):
+    yield from (case for case in _all_cases(lengths, patterns, hops_list, heads, dim, threads,
+                                            repeats, budget_s, device) if case["impl"] in impls)
+
+
+def _all_cases(lengths, patterns, hops_list, heads, dim, threads, repeats, budget_s, device):
     on_cuda = torch.device(device).type == "cuda"
     for n in lengths:
         base = dict(n=n, heads=heads, dim=dim, threads=threads, repeats=repeats,
@@ -190,10 +198,35 @@ def markdown(rows: list[dict], meta: dict) -> str:
             continue
         lines.append(
             f"{head} {r['forward_s']:.4f} | {r['forward_backward_s']:.4f} | "
-            f"{r.get('speedup_vs_sdpa', float('nan')):.2f} | "
-            f"{r['peak_memory_bytes'] / 2**20:.0f} | {r.get('memory_vs_sdpa', float('nan')):.2f} | "
+            f"{ratio(r, 'speedup_vs_sdpa')} | "
+            f"{r['peak_memory_bytes'] / 2**20:.0f} | {ratio(r, 'memory_vs_sdpa')} | "
             f"{r['gflops']:.2f} | {100 * r['fraction_of_matmul']:.1f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + scaling(rows)) + "\n"
+
+
+def ratio(row: dict, key: str) -> str:
+    """A ratio to dense SDPA, or a dash where SDPA did not run at that n."""
+    return f"{row[key]:.2f}" if key in row else "—"
+
+
+def scaling(rows: list[dict]) -> list[str]:
+    """How each implementation's forward+backward time grows from its shortest n, per pattern
+    and K: linear cost keeps time / tokens flat."""
+    runs: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "error" not in r:
+            runs.setdefault((r["impl"], r["pattern"], r["hops"]), []).append(r)
+    lines = []
+    for (impl, pattern, hops), found in runs.items():
+        if len(found) > 1:
+            first = min(found, key=lambda r: r["n"])
+            steps = ", ".join(f"{r['n'] // first['n']}x tokens: "
+                              f"{r['forward_backward_s'] / first['forward_backward_s']:.2f}x time"
+                              for r in sorted(found, key=lambda r: r["n"]) if r is not first)
+            lines.append(f"- {impl} ({pattern or 'full'}, K = {hops}) from n = {first['n']}: "
+                         f"{steps}")
+    return ["", "Scaling (forward+backward time against the shortest n):", "", *lines] \
+        if lines else []
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -260,6 +293,10 @@ def main(argv=None) -> int:
                         "one-hop DGL cases run on the CPU only)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of repeats per case")
+    parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS),
+                        choices=list(IMPLEMENTATIONS),
+                        help="implementations to run (default: all; e.g. --impls block for "
+                             "lengths where the baselines would take minutes)")
     add_case_options(parser, timeout=600.0)
     parser.add_argument("--profile", type=int, metavar="N", default=None,
                         help="only profile the block and DGL engines (K=5) at length N and write "
@@ -281,7 +318,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     peak = matmul_gflops(args.threads, device)
     todo = list(cases(args.lengths, args.patterns, args.hops, args.heads, args.dim, args.threads,
-                      args.repeats, args.budget, args.device))
+                      args.repeats, args.budget, args.device, args.impls))
     rows = [run_in_subprocess(__file__, case, args.timeout)
             for case in tqdm(todo, desc="benchmark")]
     add_ratios(rows, peak)

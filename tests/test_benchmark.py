@@ -42,6 +42,18 @@ def test_suite_writes_table_json_and_plot(tmp_path):
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_suite_runs_the_chosen_implementations_and_states_their_scaling(tmp_path):
+    out = tmp_path / "bench"
+    assert bench.main(["--lengths", "64", "256", "--impls", "block", "--patterns",
+                       "window32+2g+3r", "--repeats", "1", "--budget", "0.1", "--threads", "1",
+                       "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [(r["impl"], r["n"]) for r in rows] == [("block", 64), ("block", 256)]
+    ratio = rows[1]["forward_backward_s"] / rows[0]["forward_backward_s"]
+    assert (f"- block (window32+2g+3r, K = 5) from n = 64: 4x tokens: {ratio:.2f}x time"
+            in (out / "results.md").read_text())
+
+
 LAYERS_SCRIPT = SCRIPT.with_name("layers.py")
 layers_spec = importlib.util.spec_from_file_location("layers_benchmark", LAYERS_SCRIPT)
 layers = importlib.util.module_from_spec(layers_spec)
