@@ -251,3 +251,28 @@ def test_block_engine_gives_no_per_edge_attention_so_return_attention_uses_anoth
     out, attn = diffusion_attention(batch, q, k, v, return_attention=True)
     torch.testing.assert_close(out, diffusion_attention(batch, q, k, v), rtol=0, atol=1e-10)
     assert attn.shape == (build_graph(n, spec).num_edges(), 2)
+
+
+@pytest.mark.parametrize("spec", [PatternSpec(window=2, num_global=1, num_random=2),  # no band
+                                  PatternSpec(window=12, num_global=1, num_random=2)], ids=str)
+def test_without_the_compiled_loops_the_torch_path_gives_the_same_values_and_gradients(
+        monkeypatch, spec):
+    """The path a GPU takes (torch's softmax over a rectangle, sampled_addmm), with and without
+    a band."""
+    from diffuser_graph.engines import native
+    from diffuser_graph.engines.block import band_geometry
+
+    assert bool(band_geometry(spec).width) == (spec.window == 12)
+    lengths = [40, 23]
+    weights = torch.randn(sum(lengths), 2, 4, dtype=torch.float64)
+    grads = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(native.SWITCH, switch)
+        native.library.cache_clear()
+        q, k, v = qkv(sum(lengths))
+        out = diffusion_attention(block(lengths, spec), q, k, v, alpha=0.1, hops=3)
+        (out * weights).sum().backward()
+        grads.append([out.detach(), q.grad, k.grad, v.grad])
+    native.library.cache_clear()
+    for compiled, fallback in zip(*grads, strict=True):
+        torch.testing.assert_close(fallback, compiled, rtol=0, atol=1e-10)
