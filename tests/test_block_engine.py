@@ -276,3 +276,21 @@ def test_without_the_compiled_loops_the_torch_path_gives_the_same_values_and_gra
     native.library.cache_clear()
     for compiled, fallback in zip(*grads, strict=True):
         torch.testing.assert_close(fallback, compiled, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("num_global,dense", [(1, 0), (2, 2)])
+def test_without_a_band_a_single_global_token_is_gathered(num_global, dense):
+    from diffuser_graph.engines.block import band_geometry
+
+    n, spec = 60, PatternSpec(window=2, num_global=num_global, num_random=1)
+    assert not band_geometry(spec).width
+    layout = block_layout(n, spec)
+    assert len(layout.globals) == dense
+    gathered = int(layout.random_mask.sum())
+    edges = build_graph(n, spec).num_edges()
+    global_edges = dense * n + (n - dense) * dense
+    assert gathered + global_edges == edges  # with one global: its row and column gathered
+    q, k, v = qkv(n)
+    torch.testing.assert_close(diffusion_attention(block([n], spec), q, k, v),
+                               dense_diffusion_attention(dense_mask(build_graph(n, spec)), q, k,
+                                                         v), rtol=0, atol=1e-10)

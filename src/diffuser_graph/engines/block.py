@@ -11,7 +11,8 @@ a causal one) become dense ``(N, G)`` and ``(G, N)`` products, and the few remai
 random keys) gathered products that do not keep the gathered rows (:mod:`.gathered`). Where the
 band would be mostly holes (a grid's 3 x 3 neighbourhood spans 51 keys of a 16-pixel-wide
 image for 9 edges; a dilated or narrow window) there is no band and the local edges are
-gathered with the random keys (:func:`band_geometry`). The softmax runs jointly over all parts,
+gathered with the random keys (:func:`band_geometry`), and so is a single global token
+(:data:`GATHERED_GLOBALS`). The softmax runs jointly over all parts,
 so the function is exactly the DGL engine's.
 
 The pattern's DGL graph stays the single description: :func:`block_layout` reads every part from
@@ -80,6 +81,12 @@ def prefer_block(spec: PatternSpec, lengths: Sequence[int]) -> bool:
 # edges or not, at matmul speed, its gathered keys one row at a time. Measured on this project's
 # CPU (3 x 3 grid neighbourhoods, 8 x 8 to 32 x 32 images, head size 16 and 64): 1.4-1.9.
 GATHER_COST = 2
+# Without a band, this many global tokens or fewer are gathered too (a row of n keys and a key
+# of every query each) rather than computed as dense (N, G) and (G, N) products, whose batched
+# matmuls with one row or column cost more than the gathers. Measured (K = 5 layer, 32 x 256
+# tokens, 4 x 16 heads, one thread): one global, 3 x 3 grid 39.3 ms against 49.9 and window 4
+# 44.5 against 50.2; two globals, window 4 55.7 against 50.1.
+GATHERED_GLOBALS = 1
 
 
 def band_geometry(spec: PatternSpec) -> BandGeometry:
@@ -189,6 +196,8 @@ def block_layout(seq_len: int, spec: PatternSpec, block: int = 0) -> BlockLayout
     src, dst = (t.numpy() for t in build_graph(n, spec).edges())
     edges = dst * n + src  # sorted, unique: build_graph sorts by (dst, src)
     globals_ = _global_tokens(src, dst, n, spec.causal)
+    if not geometry.width and len(globals_) <= GATHERED_GLOBALS:
+        globals_ = globals_[:0]  # their rows and columns are gathered with the local edges
     is_global = np.zeros(n, dtype=bool)
     is_global[globals_] = True
 
