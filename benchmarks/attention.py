@@ -220,7 +220,7 @@ def scaling(rows: list[dict]) -> list[str]:
     for (impl, pattern, hops), found in runs.items():
         if len(found) > 1:
             first = min(found, key=lambda r: r["n"])
-            steps = ", ".join(f"{r['n'] // first['n']}x tokens: "
+            steps = ", ".join(f"{r['n'] / first['n']:g}x tokens: "
                               f"{r['forward_backward_s'] / first['forward_backward_s']:.2f}x time"
                               for r in sorted(found, key=lambda r: r["n"]) if r is not first)
             lines.append(f"- {impl} ({pattern or 'full'}, K = {hops}) from n = {first['n']}: "

@@ -106,7 +106,7 @@ def test_auto_prefers_block_only_where_it_measured_faster():
         assert prefer_block(spec, [16] * 8)
     assert prefer_block(PatternSpec(window=2), [4096])
     assert not prefer_block(PatternSpec(window=1), [4] * 32)
-    assert not prefer_block(PatternSpec(kind="grid", image_size=(2, 2)), [4])  # all global
+    assert not prefer_block(PatternSpec(kind="grid", image_size=(2, 2)), [4])  # under 8 tokens
     assert prefer_block(PatternSpec(kind="official"), [1024])
     assert not prefer_block(PatternSpec(kind="official"), [128])
 
@@ -120,7 +120,7 @@ NO_BAND = (1, 0, -1)  # BandGeometry.empty(): every local edge gathered
     (PatternSpec(window=16, causal=True), (16, 16, 0)),
     (PatternSpec(kind="grid", image_size=(4, 5), window=2), (16, 12, 12)),
     (PatternSpec(kind="official"), (32, 32, 32)),
-    # a band mostly of holes: 11 edges in 26 keys, 41 (dilated) in 120, 9 in 24, 9 in 45
+    # a band mostly of holes: 11 edges in 26 keys, 41 (dilated) in 120, 9 in 24, 9 in 42
     (PatternSpec(window=5), NO_BAND),
     (PatternSpec(window=20, dilation=2), NO_BAND),
     (PatternSpec(window=8, causal=True), NO_BAND),
@@ -269,6 +269,8 @@ def test_without_the_compiled_loops_the_torch_path_gives_the_same_values_and_gra
     for switch in ("1", "0"):
         monkeypatch.setenv(native.SWITCH, switch)
         native.library.cache_clear()
+        if switch == "1" and native.library() is None:
+            pytest.skip("no C compiler: nothing compiled to compare the torch path with")
         q, k, v = qkv(sum(lengths))
         out = diffusion_attention(block(lengths, spec), q, k, v, alpha=0.1, hops=3)
         (out * weights).sum().backward()
@@ -278,11 +280,12 @@ def test_without_the_compiled_loops_the_torch_path_gives_the_same_values_and_gra
         torch.testing.assert_close(fallback, compiled, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("num_global,dense", [(1, 0), (2, 2)])
-def test_without_a_band_a_single_global_token_is_gathered(num_global, dense):
+@pytest.mark.parametrize("num_global,n,dense", [(1, 60, 0), (2, 60, 2), (1, 600, 1)])
+def test_without_a_band_a_single_global_token_is_gathered_in_short_sequences(num_global, n,
+                                                                             dense):
     from diffuser_graph.engines.block import band_geometry
 
-    n, spec = 60, PatternSpec(window=2, num_global=num_global, num_random=1)
+    spec = PatternSpec(window=2, num_global=num_global, num_random=1)
     assert not band_geometry(spec).width
     layout = block_layout(n, spec)
     assert len(layout.globals) == dense

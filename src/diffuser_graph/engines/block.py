@@ -60,10 +60,12 @@ def prefer_block(spec: PatternSpec, lengths: Sequence[int]) -> bool:
     per sequence: K = 5, 4 heads x 16, one thread, 2.0-3.5x faster than DGL for windows of 0-4
     tokens (causal or not, 8 to 4,096 tokens per sequence) and 3 x 3 grids on 4 x 4 to 6 x 6
     images, even with six lengths in a batch (mean 35 tokens); 2.3x slower on 2 x 2 images, where
-    every pixel is a global token. With a band (windows of 7 or more tokens to both sides, 15 or
-    more causal): windows from 128 tokens per sequence (causal window 16, 16 x 256 tokens: 0.114
-    s against DGL's 0.147); the official pattern from 256 tokens (at 2,048: 0.69 s against
-    1.38); grids from 64 tokens.
+    every pixel is a global token. The rule extends this to every band-less pattern (windows of
+    up to 6 tokens to both sides or 13 causal, dilated windows) and does not count global
+    tokens. With a band (windows of 7 or more tokens to both sides, 14 or more causal): windows
+    from 128 tokens per sequence (causal window 16, 16 x 256 tokens: 0.114 s against DGL's
+    0.147); the official pattern from 256 tokens (at 2,048: 0.69 s against 1.38); grids from 64
+    tokens.
     """
     if not supports(spec) or not len(lengths):
         return False
@@ -87,6 +89,9 @@ GATHER_COST = 2
 # tokens, 4 x 16 heads, one thread): one global, 3 x 3 grid 39.3 ms against 49.9 and window 4
 # 44.5 against 50.2; two globals, window 4 55.7 against 50.1.
 GATHERED_GLOBALS = 1
+# ... on sequences up to this long: a gathered global row is n keys, and the layout's rectangular
+# random-key table (and the torch softmax's rectangle off the CPU) is as wide as its longest row.
+GATHERED_GLOBALS_MAX_LEN = 512
 
 
 def band_geometry(spec: PatternSpec) -> BandGeometry:
@@ -180,23 +185,19 @@ def _global_tokens(src: np.ndarray, dst: np.ndarray, n: int, causal: bool) -> np
 
 
 @lru_cache(maxsize=1024)
-def block_layout(seq_len: int, spec: PatternSpec, block: int = 0) -> BlockLayout:
-    """The layout of ``spec`` on ``seq_len`` tokens, read from its DGL graph.
-
-    ``block``: query block size (0: the pattern's own, see :func:`band_geometry`; a pattern
-    without a band keeps blocks of one query).
-    """
+def block_layout(seq_len: int, spec: PatternSpec) -> BlockLayout:
+    """The layout of ``spec`` on ``seq_len`` tokens, read from its DGL graph, on the band of
+    :func:`band_geometry` (or none)."""
     if not supports(spec):
         raise ValueError(f"the block engine computes window, grid and official patterns, not "
                          f"kind={spec.kind!r}")
     n = seq_len
     geometry = band_geometry(spec)
-    if block and geometry.width:
-        geometry = BandGeometry(block, geometry.left, geometry.right)
     src, dst = (t.numpy() for t in build_graph(n, spec).edges())
     edges = dst * n + src  # sorted, unique: build_graph sorts by (dst, src)
     globals_ = _global_tokens(src, dst, n, spec.causal)
-    if not geometry.width and len(globals_) <= GATHERED_GLOBALS:
+    if not geometry.width and len(globals_) <= GATHERED_GLOBALS and \
+            n <= GATHERED_GLOBALS_MAX_LEN:
         globals_ = globals_[:0]  # their rows and columns are gathered with the local edges
     is_global = np.zeros(n, dtype=bool)
     is_global[globals_] = True
@@ -312,8 +313,10 @@ def _propagate_one(layout: BlockLayout, parts: Sequence[torch.Tensor], z: torch.
     glob = layout.globals
     chunks = z.reshape(batch * layout.num_blocks, layout.geometry.block, dim)
     if torch.is_grad_enabled():
-        out = banded_apply(layout.geometry, band_attn, chunks).view(batch, padded, dim)
-        out += gather_sum(random_attn, z, gather)
+        out = gather_sum(random_attn, z, gather)
+        if layout.geometry.width:
+            out = banded_apply(layout.geometry, band_attn, chunks).view(batch, padded, dim).add_(
+                out)
     else:  # the band accumulates into the random keys' sums: no temporary of z's size
         out = gather.gather_sum(random_attn, z.reshape(batch * padded, dim))
         band_apply(layout.geometry, band_attn, chunks, add_to=out.view(chunks.shape))
