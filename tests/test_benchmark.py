@@ -54,6 +54,12 @@ def test_suite_runs_the_chosen_implementations_and_states_their_scaling(tmp_path
             in (out / "results.md").read_text())
 
 
+def test_suite_refuses_an_unknown_implementation(capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["--impls", "flash"])
+    assert "invalid choice: 'flash'" in capsys.readouterr().err
+
+
 LAYERS_SCRIPT = SCRIPT.with_name("layers.py")
 layers_spec = importlib.util.spec_from_file_location("layers_benchmark", LAYERS_SCRIPT)
 layers = importlib.util.module_from_spec(layers_spec)
