@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
     PATTERNS,
     add_case_options,
+    allocated_peak,
     machine,
     peak_memory,
     ran_one_case,
@@ -50,13 +51,15 @@ PRESETS = {  # the settings of the speed issues' tables
                          "transformerconv", "sdpa"],
                   block_size=32),
     "official": dict(hidden=768, heads=12, lengths=[4096], pattern="official",
-                     impls=["diffuser", "diffuser_recompute", "diffuser_dgl", "sdpa", "bigbird"],
+                     impls=["diffuser", "diffuser_recompute", "diffuser_recompute_hops",
+                            "diffuser_dgl", "sdpa", "bigbird"],
                      block_size=64),
 }
 BIGBIRD_RANDOM_BLOCKS = 3  # HF BigBird's default
-# diffuser_recompute: heads computed at a time, recomputed in backward. Two is the most that
-# keeps the authors' layer at or under SDPA's memory (in use above the warm state, one thread:
-# 106 MiB with 1 head, 124 with 2, 143 with 3, SDPA 134) and takes less time than one.
+# diffuser_recompute: heads computed at a time, their attention recomputed in backward (their
+# hops' inputs kept); diffuser_recompute_hops: the hops recomputed too. Two heads: on the authors'
+# layer (above the warm state, 2 threads, one run each) 1 / 2 / 3 / 4 / 6 heads took 1.14 /
+# 1.10 / 1.10 / 1.24 / 1.26 s at 233 / 203 / 212 / 214 / 250 MiB (keeping the hops' inputs).
 RECOMPUTE_HEADS = 2
 LONGFORMER_GLOBALS = 2
 
@@ -78,7 +81,9 @@ def diffuser_layer(case: dict, device: torch.device):
     engine = "dgl" if impl == "diffuser_dgl" else "auto"
     layer = DiffuserAttention(case["hidden"], case["heads"], attention=attention,
                               diffusion=Diffusion(alpha=0.1, hops=case["hops"]), pattern=spec,
-                              recompute_heads=RECOMPUTE_HEADS * (impl == "diffuser_recompute"))
+                              recompute_heads=RECOMPUTE_HEADS * impl.startswith(
+                                  "diffuser_recompute"),
+                              recompute_hops=impl == "diffuser_recompute_hops")
     batch = PackedBatch.from_lengths([case["n"]], spec, engine=engine, device=device)
     if attention != "full":
         batch.plan  # noqa: B018 -- planned once per batch, as the encoder does
@@ -86,7 +91,8 @@ def diffuser_layer(case: dict, device: torch.device):
     keys = case["n"] if attention == "full" else edges / case["n"]
     engine_name = batch.engine_name + (f", recompute {RECOMPUTE_HEADS} head"
                                        + "s" * (RECOMPUTE_HEADS > 1)
-                                       if impl == "diffuser_recompute" else "") + (
+                                       + " and hops" * (impl == "diffuser_recompute_hops")
+                                       if impl.startswith("diffuser_recompute") else "") + (
         ", causal" if spec.causal else "")
     info = {"engine": "sdpa (4-D)" if attention == "full" else engine_name,
             "keys_per_query": keys, "hops_per_layer": 1 if attention != "diffuser" else
@@ -156,7 +162,8 @@ def transformerconv_layer(case: dict, device: torch.device):
 
 LAYERS = {"diffuser": diffuser_layer, "diffuser_dgl": diffuser_layer,
           "diffuser_causal": diffuser_layer,
-          "diffuser_recompute": diffuser_layer, "sparse": diffuser_layer,
+          "diffuser_recompute": diffuser_layer, "diffuser_recompute_hops": diffuser_layer,
+          "sparse": diffuser_layer,
           "sdpa": diffuser_layer, "bigbird": bigbird_layer, "longformer": longformer_layer,
           "transformerconv": transformerconv_layer}
 PEERS = {"bigbird": "transformers", "longformer": "transformers",
@@ -187,6 +194,7 @@ def run_case(case: dict) -> dict:
         result[f"{name}_s"], result[f"{name}_repeats"] = time_step(
             step, device, case["repeats"], case["budget_s"])
     result["peak_memory_bytes"] = max(0, peak_memory(device) - baseline)
+    result["peak_allocated_bytes"] = allocated_peak(forward_backward, device)
     return result
 
 
@@ -210,6 +218,8 @@ def add_ratios(rows: list[dict]) -> None:
                                                    / other["forward_backward_s"])
                 row[f"memory_vs_{other['impl']}"] = (row["peak_memory_bytes"]
                                                      / max(2**20, other["peak_memory_bytes"]))
+                row[f"allocated_vs_{other['impl']}"] = (
+                    row["peak_allocated_bytes"] / max(2**20, other["peak_allocated_bytes"]))
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -220,10 +230,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
              + (f" over {meta['rounds']} rounds of every case taken in turns (peaks: the "
                 "largest)" if meta.get("rounds", 1) > 1 else "") + ", "
              "forward+backward includes the gradients of the input and every weight; ratios are "
-             "against the same run's rows at the same n.", "",
+             "against the same run's rows at the same n. Peak MiB: the process's resident peak "
+             "above its warm state; allocated MiB: the most tensor memory alive at once in one "
+             "forward+backward (see `measure.py`).", "",
              "| n | layer | engine / kernel | keys per query | hops | fwd (s) | fwd+bwd (s) | "
-             "× SDPA | × BigBird | × Longformer | peak MiB | mem × SDPA |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "× SDPA | × BigBird | × Longformer | peak MiB | mem × SDPA | allocated MiB | "
+             "alloc × SDPA |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ratio(row, key):
         return f"{row[key]:.2f}" if key in row else "—"
@@ -231,13 +244,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
     for r in rows:
         head = f"| {r['n']} | {r['impl']} |"
         if "error" in r:
-            lines.append(f"{head} {r['error'][-120:]} |" + " — |" * 10)
+            lines.append(f"{head} {r['error'][-120:]} |" + " — |" * 12)
             continue
         lines.append(
             f"{head} {r['engine']} | {r['keys_per_query']:.0f} | {r['hops_per_layer']} | "
             f"{r['forward_s']:.4f} | {r['forward_backward_s']:.4f} | {ratio(r, 'time_vs_sdpa')} | "
             f"{ratio(r, 'time_vs_bigbird')} | {ratio(r, 'time_vs_longformer')} | "
-            f"{r['peak_memory_bytes'] / 2**20:.0f} | {ratio(r, 'memory_vs_sdpa')} |")
+            f"{r['peak_memory_bytes'] / 2**20:.0f} | {ratio(r, 'memory_vs_sdpa')} | "
+            f"{r['peak_allocated_bytes'] / 2**20:.0f} | {ratio(r, 'allocated_vs_sdpa')} |")
     causal = [f"{r['time_vs_noncausal']:.2f}× at {r['n']}" for r in rows
               if "time_vs_noncausal" in r]
     if causal:

@@ -301,9 +301,10 @@ def _recompute_case(engine):
     return batch, q, k, v, hop_weights.requires_grad_()
 
 
+@pytest.mark.parametrize("recompute_hops", [False, True], ids=["keep-hops", "recompute-hops"])
 @pytest.mark.parametrize("learned", [False, True], ids=["ppr", "learned"])
 @pytest.mark.parametrize("engine", ["dgl", "block", "gather"])
-def test_recomputed_heads_give_the_same_values_and_gradients(engine, learned):
+def test_recomputed_heads_give_the_same_values_and_gradients(engine, learned, recompute_hops):
     batch, q, k, v, hop_weights = _recompute_case(engine)
     inputs = [q, k, v, hop_weights] if learned else [q, k, v]
     weights = torch.randn(33, 3, 4, dtype=torch.float64)
@@ -311,6 +312,7 @@ def test_recomputed_heads_give_the_same_values_and_gradients(engine, learned):
     def run(recompute_heads):
         out = diffusion_attention(batch, q, k, v, hops=3, alpha=0.2,
                                   recompute_heads=recompute_heads,
+                                  recompute_hops=recompute_hops and recompute_heads > 0,
                                   hop_weights=hop_weights if learned else None)
         return out, torch.autograd.grad((out * weights).sum(), inputs)
 
@@ -322,11 +324,13 @@ def test_recomputed_heads_give_the_same_values_and_gradients(engine, learned):
             torch.testing.assert_close(grad, want, rtol=0, atol=1e-12)
 
 
-def test_recomputed_heads_replay_their_dropout_in_backward():
+@pytest.mark.parametrize("recompute_hops", [False, True], ids=["keep-hops", "recompute-hops"])
+def test_recomputed_heads_replay_their_dropout_in_backward(recompute_hops):
     batch, q, k, v, _ = _recompute_case("block")
     options = dict(hops=3, alpha=0.2, attn_dropout=0.3, hop_dropout=0.3, training=True)
     torch.manual_seed(7)
-    out = diffusion_attention(batch, q, k, v, recompute_heads=2, **options)
+    out = diffusion_attention(batch, q, k, v, recompute_heads=2, recompute_hops=recompute_hops,
+                              **options)
     grads = torch.autograd.grad(out.square().sum(), [q, k, v])
     torch.manual_seed(7)  # the same masks, drawn chunk by chunk and kept for backward
     chunks = [diffusion_attention(batch, q[:, heads], k[:, heads], v[:, heads], **options)
@@ -343,7 +347,14 @@ def test_recomputed_heads_pass_gradcheck_and_refuse_a_negative_count():
     assert torch.autograd.gradcheck(
         lambda q, k, v: diffusion_attention(batch, q, k, v, hops=2, recompute_heads=2),
         (q, k, v))
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: diffusion_attention(batch, q, k, v, hops=2, recompute_heads=2,
+                                            recompute_hops=True), (q, k, v))
     with pytest.raises(ValueError, match="recompute_heads must be >= 0"):
         diffusion_attention(batch, q, k, v, recompute_heads=-1)
     with pytest.raises(ValueError, match="recompute_heads must be an integer"):
         DiffuserAttention(12, 3, recompute_heads=1.5)
+    with pytest.raises(ValueError, match="recompute_hops must be True or False"):
+        diffusion_attention(batch, q, k, v, recompute_heads=1, recompute_hops=1)
+    with pytest.raises(ValueError, match="recompute_hops must be True or False"):
+        DiffuserAttention(12, 3, recompute_heads=1, recompute_hops="yes")

@@ -72,8 +72,8 @@ def layer_case(impl, n=256, pattern="window32+2g+3r"):
 
 
 @pytest.mark.parametrize("impl", ["diffuser", "diffuser_dgl", "diffuser_recompute",
-                                  "diffuser_causal", "sparse", "sdpa", "bigbird", "longformer",
-                                  "transformerconv"])
+                                  "diffuser_recompute_hops", "diffuser_causal", "sparse", "sdpa",
+                                  "bigbird", "longformer", "transformerconv"])
 def test_every_layer_maps_hidden_states_and_reports_its_pattern(impl):
     pytest.importorskip(layers.PEERS.get(impl, "torch"))
     case = layer_case(impl)
@@ -87,7 +87,8 @@ def test_every_layer_maps_hidden_states_and_reports_its_pattern(impl):
     expected_hops = 3 if impl.startswith("diffuser") else 1
     assert info["hops_per_layer"] == expected_hops
     edges = build_graph(case["n"], layers.PATTERNS[case["pattern"]]).num_edges()
-    if impl in ("diffuser", "diffuser_dgl", "diffuser_recompute", "sparse", "transformerconv"):
+    if impl in ("diffuser", "diffuser_dgl", "diffuser_recompute", "diffuser_recompute_hops",
+                "sparse", "transformerconv"):
         assert info["keys_per_query"] == edges / case["n"]  # the same graph for all of them
     if impl == "diffuser_dgl":
         assert info["engine"] == "dgl"
@@ -113,6 +114,11 @@ def test_diffuser_layer_on_the_dgl_engine_equals_the_auto_engine(monkeypatch):
                                                 torch.device("cpu"))
     assert info["engine"] == "block, recompute 1 head"
     torch.testing.assert_close(recomputed(x), fast(x), rtol=1e-6, atol=1e-6)
+    torch.manual_seed(0)
+    _, recomputed, info = layers.diffuser_layer({**case, "impl": "diffuser_recompute_hops"},
+                                                torch.device("cpu"))
+    assert info["engine"] == "block, recompute 1 head and hops"
+    torch.testing.assert_close(recomputed(x), fast(x), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -125,6 +131,8 @@ def test_layer_suite_writes_ratios_and_names_missing_peers(tmp_path, monkeypatch
     assert by_impl["transformerconv"]["error"] == "torch_geometric is not installed (bench extra)"
     assert by_impl["sdpa"]["time_vs_sdpa"] == 1.0
     assert by_impl["diffuser"]["time_vs_bigbird"] > 0 and by_impl["diffuser"]["memory_vs_sdpa"] >= 0
+    assert by_impl["diffuser"]["allocated_vs_sdpa"] == pytest.approx(
+        by_impl["diffuser"]["peak_allocated_bytes"] / by_impl["sdpa"]["peak_allocated_bytes"])
     table = (tmp_path / "layers-peers.md").read_text()
     assert "| 256 | diffuser | block |" in table and "| 256 | longformer |" in table
     causal = by_impl["diffuser_causal"]
@@ -144,7 +152,7 @@ def test_rounds_take_turns_and_report_medians_and_the_largest_peak(monkeypatch):
             return {**case, "error": "out of memory"}
         seconds = next(times[case["impl"]]) if case["impl"] in times else 1.0
         return {**case, "forward_s": seconds / 2, "forward_backward_s": seconds,
-                "peak_memory_bytes": int(seconds * 100)}
+                "peak_memory_bytes": int(seconds * 100), "peak_allocated_bytes": int(seconds)}
 
     monkeypatch.setattr(measure, "run_in_subprocess", fake)
     cases = [{"impl": impl, "budget_s": 9.0} for impl in "abc"]
@@ -152,10 +160,27 @@ def test_rounds_take_turns_and_report_medians_and_the_largest_peak(monkeypatch):
     assert calls == list("abc") * 3  # round by round, not case by case
     assert (a["forward_backward_s"], a["forward_s"], a["peak_memory_bytes"]) == (2.0, 1.0, 300)
     assert (b["forward_backward_s"], b["peak_memory_bytes"]) == (5.0, 600)
+    assert (a["peak_allocated_bytes"], b["peak_allocated_bytes"]) == (3, 6)
     assert [r["forward_backward_s"] for r in a["rounds"]] == [3.0, 1.0, 2.0]
     assert a["budget_s"] == 9.0 and c["error"] == "out of memory"
     assert measure.run_in_rounds("script", [{"impl": "d", "budget_s": 9.0}], 1, 1.0)[0].keys() == {
-        "impl", "budget_s", "forward_s", "forward_backward_s", "peak_memory_bytes"}
+        "impl", "budget_s", "forward_s", "forward_backward_s", "peak_memory_bytes",
+        "peak_allocated_bytes"}
+
+
+def test_allocated_peak_counts_the_tensors_alive_at_once():
+    measure = importlib.import_module("measure")
+    kept = []
+
+    def step():
+        a = torch.ones(2**20)  # 4 MiB, freed at the end of the step
+        b = torch.ones(2**21)  # 8 MiB, alive with a: 12 MiB at once
+        del a
+        kept.append(torch.ones(2**18))  # 1 MiB, alive after the step too
+        return b.sum()
+
+    peak = measure.allocated_peak(step, torch.device("cpu"))
+    assert 12 * 2**20 <= peak < 12 * 2**20 + 2**16
 
 
 def test_layer_suite_refuses_no_rounds(capsys):

@@ -19,14 +19,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .batch import PackedBatch, Padding, as_batch
-from .checks import as_int, check_probability, check_qkv
+from .checks import as_int, check_flag, check_probability, check_qkv
 from .diffusion import LEARNED, Diffusion, resolve_diffusion
 from .engines import Plan
 from .engines.dgl import edge_attention
 from .patterns import PatternSpec
+from .recompute import recomputed_attention
 
 ATTENTION_KINDS = ("diffuser", "sparse", "full")
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -48,43 +48,57 @@ def check_hop_dropout_at(place: str, learned: bool) -> bool:
     return place == "after_mix"
 
 
-def _diffuse(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, diffusion: Diffusion,
-             attn_dropout: float, hop_dropout: float, training: bool, return_attention: bool,
-             hop_weights: torch.Tensor | None,
-             after_mix: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    attention = plan.attention(q, k)
-    dropped = tuple(F.dropout(part, attn_dropout, training) for part in attention)
-    hop_dropout = hop_dropout if training else 0.0
-    heads = v.shape[1]
+def _attend(plan: Plan, q: torch.Tensor, k: torch.Tensor, attn_dropout: float,
+            training: bool) -> tuple[torch.Tensor, ...]:
+    """The plan's one-hop attention ``A`` from ``q, k``, with attention dropout."""
+    return tuple(F.dropout(part, attn_dropout, training) for part in plan.attention(q, k))
+
+
+def _series(plan: Plan, attention: tuple[torch.Tensor, ...], z: torch.Tensor, heads: int,
+            hop_weights: torch.Tensor | None, diffusion: Diffusion, hop_dropout: float,
+            after_mix: bool) -> torch.Tensor:
+    """The diffusion series of ``A`` (the plan's :meth:`attention`) on the values of ``heads``
+    heads in the plan's layout, ``z = plan.enter(v)``; returns ``(N, heads, Dv)``."""
     if hop_weights is None:
-        out = plan.leave(plan.diffuse(dropped, plan.enter(v), diffusion, hop_dropout, after_mix),
-                         heads)
-    else:  # per-head weights: keep every power A^j v and mix them head by head
-        power = plan.enter(v)
-        out = hop_weights[:, 0, None] * v
-        for j in range(1, diffusion.hops + 1):
-            power = F.dropout(plan.propagate(dropped, power), hop_dropout, hop_dropout > 0)
-            out = out + hop_weights[:, j, None] * plan.leave(power, heads)
-    return out, plan.edge_attention(attention) if return_attention else None
+        return plan.leave(plan.diffuse(attention, z, diffusion, hop_dropout, after_mix), heads)
+    # per-head weights: keep every power A^j v and mix them head by head
+    power = z
+    out = hop_weights[:, 0, None] * plan.leave(z, heads)
+    for j in range(1, diffusion.hops + 1):
+        power = F.dropout(plan.propagate(attention, power), hop_dropout, hop_dropout > 0)
+        out = out + hop_weights[:, j, None] * plan.leave(power, heads)
+    return out
 
 
-def _by_heads(compute: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
-              q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hop_weights: torch.Tensor | None,
-              recompute_heads: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``compute(q, k, v, hop_weights)`` on all heads at once, or ``recompute_heads`` heads at a
-    time, each chunk checkpointed: backward recomputes its attention and hops instead of keeping
-    them, so only one chunk's intermediates are ever alive."""
+def _by_heads(plan: Plan, attend: Callable[..., tuple[torch.Tensor, ...]],
+              series: Callable[..., torch.Tensor], return_attention: bool, q: torch.Tensor,
+              k: torch.Tensor, v: torch.Tensor, hop_weights: torch.Tensor | None,
+              recompute_heads: int, recompute_hops: bool
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``series(attend(q, k), plan.enter(v), heads, hop_weights)`` (and the plan's edge
+    attention with ``return_attention``) on all heads at once, or with ``recompute_heads``,
+    that many heads at a time, each chunk's attention (and with ``recompute_hops`` its series)
+    recomputed in backward (:func:`.recompute.recomputed_attention`)."""
+    def whole(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              hop_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attention = attend(q, k)
+        return (series(attention, plan.enter(v), v.shape[1], hop_weights),
+                plan.edge_attention(attention) if return_attention else None)
+
     if not recompute_heads:
-        return compute(q, k, v, hop_weights)
-    # split (not slicing): its backward concatenates the chunks' gradients once
+        return whole(q, k, v, hop_weights)
+    if not return_attention and torch.is_grad_enabled():
+        return recomputed_attention(plan, attend, series, recompute_heads, not recompute_hops,
+                                    q, k, v, hop_weights), None
+    # nothing to recompute (no backward, or the returned attention needs its graph): the
+    # chunks only bound the memory in use at a time
     chunks = [x.split(recompute_heads, dim=1) for x in (q, k, v)]
     weights = ([None] * len(chunks[0]) if hop_weights is None
                else hop_weights.split(recompute_heads))
-    results = [checkpoint(compute, *inputs, use_reentrant=False)
-               for inputs in zip(*chunks, weights, strict=True)]
-    attention = [attn for _, attn in results]
-    return (torch.cat([out for out, _ in results], dim=1),
-            None if attention[0] is None else torch.cat(attention, dim=1))
+    results = [whole(*inputs) for inputs in zip(*chunks, weights, strict=True)]
+    outs, attention = zip(*results, strict=True)
+    return (torch.cat(outs, dim=1),
+            torch.cat(attention, dim=1) if return_attention else None)
 
 
 def diffusion_attention(
@@ -106,6 +120,7 @@ def diffusion_attention(
     hop_weights: torch.Tensor | None = None,
     hop_dropout_at: str = "before_mix",
     recompute_heads: int = 0,
+    recompute_hops: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Multi-hop diffused attention on a :class:`PackedBatch` or any (batched) DGL graph.
 
@@ -129,11 +144,16 @@ def diffusion_attention(
         hop_weights: ``(H, K + 1)`` weights ``theta_k`` per head instead of the kernel's (the
             ``"learned"`` kernel's; differentiable): ``sum_k theta[h, k] A^k v`` per head.
         recompute_heads: 0 keeps the attention and every hop's input for backward; ``h > 0``
-            computes ``h`` heads at a time and recomputes them in backward (activation
-            checkpointing): the same values and gradients, with the memory of ``h`` heads'
-            intermediates instead of all heads' and of every layer's, for one more forward.
+            computes ``h`` heads at a time, keeps their hops' inputs and recomputes their
+            attention (scores and softmax, not the hops) in backward: the same values and
+            gradients, without the attention's ``E x H`` values between forward and backward
+            and with one chunk's intermediates alive at a time, for one more score product.
             Dropout masks are drawn chunk by chunk (other draws than with 0, the same
-            distribution) and replayed exactly in backward.
+            distribution) and replayed exactly in backward. With ``return_attention`` the
+            chunks keep their attention (the returned one needs it).
+        recompute_hops: with ``recompute_heads``, keep only ``q``, ``k`` and ``v`` and run
+            each chunk's hops again in backward too (full activation checkpointing): the
+            least memory (no K copies of the values), for K more hops.
 
     NaN or infinite inputs are not checked: they reach every token within ``hops`` of them.
 
@@ -148,6 +168,7 @@ def diffusion_attention(
     plan = batch.edge_plan if return_attention else batch.plan
     after_mix = check_hop_dropout_at(hop_dropout_at, hop_weights is not None)
     recompute_heads = as_int("recompute_heads", recompute_heads, 0)
+    recompute_hops = check_flag("recompute_hops", recompute_hops)
     if hop_weights is not None:
         expected = (v.shape[1], diffusion.hops + 1)
         if (not isinstance(hop_weights, torch.Tensor) or tuple(hop_weights.shape) != expected
@@ -156,19 +177,23 @@ def diffusion_attention(
                              f"{expected} on {v.device}, got "
                              f"{getattr(hop_weights, 'shape', type(hop_weights).__name__)}")
 
-    def compute(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                hop_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return _diffuse(plan, q, k, v, diffusion, attn_dropout, hop_dropout, training,
-                        return_attention, hop_weights, after_mix)
+    def attend(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return _attend(plan, q, k, attn_dropout, training)
+
+    def series(attention: tuple[torch.Tensor, ...], z: torch.Tensor, heads: int,
+               hop_weights: torch.Tensor | None) -> torch.Tensor:
+        return _series(plan, attention, z, heads, hop_weights, diffusion,
+                       hop_dropout if training else 0.0, after_mix)
 
     if q.dtype in LOW_PRECISION:  # softmax and K hops of sums need float32's range and accuracy
         with torch.autocast(q.device.type, enabled=False):
-            out, attn = _by_heads(compute, q.float(), k.float(), v.float(),
-                                  None if hop_weights is None else hop_weights.float(),
-                                  recompute_heads)
+            out, attn = _by_heads(plan, attend, series, return_attention, q.float(), k.float(),
+                                  v.float(), None if hop_weights is None else hop_weights.float(),
+                                  recompute_heads, recompute_hops)
         out = out.to(q.dtype)
     else:
-        out, attn = _by_heads(compute, q, k, v, hop_weights, recompute_heads)
+        out, attn = _by_heads(plan, attend, series, return_attention, q, k, v, hop_weights,
+                              recompute_heads, recompute_hops)
     if return_attention:
         assert attn is not None
         return out, attn
@@ -220,8 +245,8 @@ class DiffuserAttention(nn.Module):
 
     ``pattern``: the pattern this layer belongs to; a :class:`PackedBatch` of another pattern is
     refused. The engine is the batch's (chosen once per batch by whoever builds it).
-    ``recompute_heads``: see :func:`diffusion_attention` (graph attention only: full attention's
-    fused kernel keeps no weights already).
+    ``recompute_heads``, ``recompute_hops``: see :func:`diffusion_attention` (graph attention
+    only: full attention's fused kernel keeps no weights already).
 
     ``forward(batch, x)`` takes a :class:`PackedBatch` (or a DGL graph) and the packed tokens
     ``x: (N, hidden)`` -> ``(N, hidden)``, or the padded ``x: (B, L, hidden)`` ->
@@ -245,6 +270,7 @@ class DiffuserAttention(nn.Module):
         attention: str = "diffuser",
         pattern: PatternSpec | None = None,
         recompute_heads: int = 0,
+        recompute_hops: bool = False,
     ) -> None:
         super().__init__()
         hidden_size, num_heads = as_int("hidden_size", hidden_size, 1), as_int("num_heads",
@@ -264,6 +290,7 @@ class DiffuserAttention(nn.Module):
         check_hop_dropout_at(hop_dropout_at, self.diffusion.kernel == LEARNED)
         self.hop_dropout_at = hop_dropout_at
         self.recompute_heads = as_int("recompute_heads", recompute_heads, 0)
+        self.recompute_hops = check_flag("recompute_hops", recompute_hops)
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = hidden_size // num_heads
         self.hop_logits = None
@@ -307,7 +334,8 @@ class DiffuserAttention(nn.Module):
                 batch, q, k, v, self.diffusion, attn_dropout=self.attn_dropout,
                 hop_dropout=self.hop_dropout, training=self.training,
                 return_attention=return_attention, hop_weights=self.hop_weights(),
-                hop_dropout_at=self.hop_dropout_at, recompute_heads=self.recompute_heads)
+                hop_dropout_at=self.hop_dropout_at, recompute_heads=self.recompute_heads,
+                recompute_hops=self.recompute_hops)
             out, attn = result if isinstance(result, tuple) else (result, None)
         out = self.output(out.reshape(x.shape[0], self.hidden_size))
         if padded:

@@ -49,6 +49,13 @@ def as_int(name: str, value: Any, minimum: int | None = None) -> int:
     return int(value)
 
 
+def check_flag(name: str, value: Any) -> bool:
+    """A bool (numpy's accepted); anything else (``1``, ``"yes"``) is refused, not coerced."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def check_probability(name: str, p: Any) -> float:
     """A dropout probability in ``[0, 1)`` (numpy scalars accepted)."""
     if (isinstance(p, (bool, np.bool_)) or not isinstance(p, numbers.Real)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import dgl
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 from torch import nn
 
 from .attention import DiffuserAttention
@@ -61,9 +61,12 @@ class DiffuserConfig(BaseModel):
     activation: Literal["gelu", "gelu_tanh", "relu"] = "gelu"  # of the feed-forward blocks
     attention: Literal["diffuser", "sparse", "full"] = "diffuser"
     engine: EngineName = "auto"  # see diffuser_graph.engines.choose_engine
-    # 0: keep every layer's attention and hops for backward; h: recompute them in backward,
-    # h heads at a time (less memory, one more forward of the attention)
+    # 0: keep every layer's attention and hops for backward; h: h heads at a time, their
+    # attention recomputed in backward (less memory, one more score product and softmax)
     recompute_heads: Int = Field(default=0, ge=0)
+    # with recompute_heads: recompute the hops too instead of keeping their inputs (K copies of
+    # the values): least memory, K more hops
+    recompute_hops: StrictBool = False
     pattern: PatternSpec = PatternSpec(window=8, num_global=1, num_random=2)
     kernel: KernelName = "ppr"
     alpha: Alpha = 0.1
@@ -139,7 +142,7 @@ class EncoderLayer(nn.Module):
             attn_dropout=config.attn_dropout, hop_dropout=config.hop_dropout,
             hop_dropout_at=config.hop_dropout_at,
             attention=config.attention, pattern=config.pattern,
-            recompute_heads=config.recompute_heads)
+            recompute_heads=config.recompute_heads, recompute_hops=config.recompute_hops)
         self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.ffn = nn.Sequential(nn.Linear(config.hidden_size, config.ffn_size),
                                  ACTIVATIONS[config.activation](),

@@ -1,0 +1,139 @@
+"""recompute_heads: the attention is dropped after forward and recomputed in backward; the hops'
+inputs are kept (no hop runs again) unless recompute_hops; a second backward through the same
+graph still works."""
+
+import gc
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from diffuser_graph import PackedBatch, PatternSpec, diffusion_attention
+
+
+def _case(engine="block"):
+    spec = PatternSpec(window=3, num_global=1, num_random=2, seed=0)
+    batch = PackedBatch.from_lengths([20, 13], spec, engine=engine)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(33, 4, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+               for _ in range(3))
+    return batch, q, k, v
+
+
+class _Counting:
+    """Wraps a plan's methods to count their calls and keep weak references to the storages of
+    the attention parts it makes."""
+
+    def __init__(self, monkeypatch, plan):
+        self.calls = {"attention": 0, "propagate": 0}
+        self.storages = []
+        for name in self.calls:
+            original = getattr(plan, name)
+
+            def counted(*args, _name=name, _original=original):
+                self.calls[_name] += 1
+                result = _original(*args)
+                if _name == "attention":
+                    self.storages += [StorageWeakRef(part.untyped_storage())
+                                      for part in result if part.numel()]
+                return result
+
+            monkeypatch.setattr(plan, name, counted)
+
+    def alive(self):
+        return _holding(self.storages)
+
+
+def _holding(refs):
+    """How many of the weakly referenced storages still hold memory (a storage resized to
+    nothing holds none)."""
+    gc.collect()
+    return sum(not ref.expired()
+               and torch.UntypedStorage._new_with_weak_ptr(ref.cdata).nbytes() > 0
+               for ref in refs)
+
+
+@pytest.mark.parametrize("recompute_heads, recompute_hops", [(0, False), (2, False), (2, True)])
+def test_the_attention_is_freed_after_forward_and_recomputed_once_per_chunk(
+        monkeypatch, recompute_heads, recompute_hops):
+    batch, q, k, v = _case()
+    counting = _Counting(monkeypatch, batch.plan)
+    out = diffusion_attention(batch, q, k, v, hops=3, recompute_heads=recompute_heads,
+                              recompute_hops=recompute_hops)
+    chunks = 2 if recompute_heads else 1
+    assert counting.calls == {"attention": chunks, "propagate": 3 * chunks}
+    if recompute_heads:
+        assert counting.alive() == 0  # nothing of the attention is kept for backward
+    else:
+        assert counting.alive() == len(counting.storages) > 0
+    out.square().sum().backward()
+    # backward recomputes each chunk's attention, and its hops only with recompute_hops
+    assert counting.calls == {"attention": 2 * chunks if recompute_heads else 1,
+                              "propagate": 3 * chunks * (1 + recompute_hops)}
+
+
+@pytest.mark.parametrize("recompute_hops", [False, True])
+def test_recompute_hops_keeps_no_hop_input(monkeypatch, recompute_hops):
+    """The hops' inputs are kept between forward and backward, or with recompute_hops not."""
+    batch, q, k, v = _case()
+    outputs = []
+    original = batch.plan.propagate
+
+    def recorded(attention, z):
+        out = original(attention, z)
+        outputs.append(StorageWeakRef(out.untyped_storage()))
+        return out
+
+    monkeypatch.setattr(batch.plan, "propagate", recorded)
+    out = diffusion_attention(batch, q, k, v, hops=3, recompute_heads=2,
+                              recompute_hops=recompute_hops)
+    # per chunk, the outputs of hops 1 and 2 are the inputs of hops 2 and 3 (the output of hop
+    # 3, the result, is not checked: leaving the layout may keep a view of it)
+    inputs = outputs[0:2] + outputs[3:5]
+    assert _holding(inputs) == (0 if recompute_hops else 4)
+    out.sum().backward()
+
+
+@pytest.mark.parametrize("recompute_hops", [False, True])
+@pytest.mark.parametrize("learned", [False, True], ids=["ppr", "learned"])
+def test_a_second_backward_through_the_same_graph_gives_the_same_gradients(learned,
+                                                                           recompute_hops):
+    batch, q, k, v = _case()
+    hop_weights = (torch.softmax(torch.randn(4, 4, dtype=torch.float64), -1).requires_grad_()
+                   if learned else None)
+    inputs = [q, k, v] + ([hop_weights] if learned else [])
+    options = dict(hops=3, attn_dropout=0.2, training=True, hop_weights=hop_weights,
+                   hop_dropout=0.0 if learned else 0.2)
+    torch.manual_seed(3)
+    expected = diffusion_attention(batch, q, k, v, **options)
+    want = torch.autograd.grad(expected.square().sum(), inputs)
+    torch.manual_seed(3)
+    out = diffusion_attention(batch, q, k, v, recompute_heads=4, recompute_hops=recompute_hops,
+                              **options)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    loss = out.square().sum()
+    first = torch.autograd.grad(loss, inputs, retain_graph=True)
+    second = torch.autograd.grad(loss, inputs)  # the series is built again, same dropout
+    for got in (first, second):
+        for grad, wanted in zip(got, want, strict=True):
+            torch.testing.assert_close(grad, wanted, rtol=0, atol=1e-12)
+
+
+def test_returned_attention_keeps_its_graph_and_inference_recomputes_nothing(monkeypatch):
+    batch, q, k, v = _case()
+    out, attention = diffusion_attention(batch, q, k, v, hops=2, recompute_heads=1,
+                                         return_attention=True)
+    expected, expected_attention = diffusion_attention(batch, q, k, v, hops=2,
+                                                       return_attention=True)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(attention, expected_attention, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(attention.square().sum(), [q, k])  # differentiable as it is
+    want = torch.autograd.grad(expected_attention.square().sum(), [q, k])
+    for grad, wanted in zip(grads, want, strict=True):
+        torch.testing.assert_close(grad, wanted, rtol=0, atol=1e-12)
+    counting = _Counting(monkeypatch, batch.plan)
+    with torch.no_grad():
+        out = diffusion_attention(batch, q, k, v, hops=2, recompute_heads=1)
+    assert counting.calls == {"attention": 4, "propagate": 8}  # one chunk per head
+    assert counting.alive() == 0
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
