@@ -121,20 +121,23 @@ def test_recomputed_heads_train_the_same_model():
     ids, mask = batch()
     labels = torch.tensor([0, 2, 1])
     results = []
-    for recompute_heads in (0, 1):
-        net = model(recompute_heads=recompute_heads)
+    for recompute_heads, recompute_hops in ((0, False), (1, False), (1, True)):
+        net = model(recompute_heads=recompute_heads, recompute_hops=recompute_hops)
         loss, _ = net(ids, mask, labels=labels)
         loss.backward()
         results.append((loss.detach(), [p.grad for p in net.parameters()]))
-    (loss, grads), (loss_recomputed, grads_recomputed) = results
-    torch.testing.assert_close(loss_recomputed, loss)
-    for grad, want in zip(grads_recomputed, grads, strict=True):
-        torch.testing.assert_close(grad, want)
+    (loss, grads), *recomputed = results
+    for loss_recomputed, grads_recomputed in recomputed:
+        torch.testing.assert_close(loss_recomputed, loss)
+        for grad, want in zip(grads_recomputed, grads, strict=True):
+            torch.testing.assert_close(grad, want)
 
 
 def test_config_validation():
     with pytest.raises(pydantic.ValidationError, match="recompute_heads"):
         config(recompute_heads=-1)
+    with pytest.raises(pydantic.ValidationError, match="recompute_hops"):
+        config(recompute_hops="sometimes")
     with pytest.raises(pydantic.ValidationError, match="multiple of num_heads"):
         config(hidden_size=10, num_heads=4)
     with pytest.raises(pydantic.ValidationError, match="attention"):
