@@ -57,9 +57,9 @@ PRESETS = {  # the settings of the speed issues' tables
 }
 BIGBIRD_RANDOM_BLOCKS = 3  # HF BigBird's default
 # diffuser_recompute: heads computed at a time, their attention recomputed in backward (their
-# hops' inputs kept); diffuser_recompute_hops: the hops recomputed too. Two heads: on the authors'
-# layer (above the warm state, 2 threads, one run each) 1 / 2 / 3 / 4 / 6 heads took 1.14 /
-# 1.10 / 1.10 / 1.24 / 1.26 s at 233 / 203 / 212 / 214 / 250 MiB (keeping the hops' inputs).
+# hops' inputs kept); diffuser_recompute_hops: the hops recomputed too. On the authors' layer,
+# tensor memory in use at the peak with 1 / 2 / 3 heads at a time: 134 / 145 / 162 MiB (SDPA
+# 136); 1 head took 2-5 % more time than 2 (1.09 against 1.05 s in one process, in turns).
 RECOMPUTE_HEADS = 2
 LONGFORMER_GLOBALS = 2
 

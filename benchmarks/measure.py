@@ -65,9 +65,11 @@ def allocated_peak(step: Callable[[], object], device: torch.device) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    changes = sorted((event.start_us(), event.nbytes())
-                     for event in prof.profiler.kineto_results.events()
-                     if event.name() == "[memory]")
+    # in time order (a stable sort: an allocation and a free at the same microsecond keep
+    # their recorded order)
+    changes = sorted(((event.start_us(), event.nbytes())
+                      for event in prof.profiler.kineto_results.events()
+                      if event.name() == "[memory]"), key=lambda change: change[0])
     alive = peak = 0
     for _, change in changes:  # frees are negative
         alive += change

@@ -4,11 +4,18 @@ graph still works."""
 
 import gc
 
+import pydantic
 import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from diffuser_graph import PackedBatch, PatternSpec, diffusion_attention
+from diffuser_graph import (
+    DiffuserAttention,
+    DiffuserConfig,
+    PackedBatch,
+    PatternSpec,
+    diffusion_attention,
+)
 
 
 def _case(engine="block"):
@@ -137,3 +144,27 @@ def test_returned_attention_keeps_its_graph_and_inference_recomputes_nothing(mon
     assert counting.calls == {"attention": 4, "propagate": 8}  # one chunk per head
     assert counting.alive() == 0
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_recompute_hops_needs_chunks_and_double_backward_is_refused():
+    batch, q, k, v = _case()
+    with pytest.raises(ValueError, match="recompute_hops=True needs recompute_heads > 0"):
+        diffusion_attention(batch, q, k, v, recompute_hops=True)
+    with pytest.raises(ValueError, match="recompute_hops=True needs recompute_heads > 0"):
+        DiffuserAttention(16, 4, recompute_hops=True)
+    with pytest.raises(pydantic.ValidationError, match="recompute_hops=true needs"):
+        DiffuserConfig(recompute_hops=True)
+    out = diffusion_attention(batch, q, k, v, hops=2, recompute_heads=2)
+    grad_q, = torch.autograd.grad(out.square().sum(), [q], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_q.sum().backward()  # a gradient penalty would silently miss the attention's part
+
+
+def test_the_gather_engine_keeps_a_and_z_for_a_hop_not_its_messages():
+    batch, q, k, v = _case("gather")
+    attention = batch.plan.attention(q, k)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(tuple(x.shape)) or x,
+                                                  lambda x: x):
+        batch.plan.propagate(attention, batch.plan.enter(v))
+    assert sorted(saved) == sorted([tuple(attention[0].shape), tuple(v.shape)])

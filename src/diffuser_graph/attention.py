@@ -48,6 +48,15 @@ def check_hop_dropout_at(place: str, learned: bool) -> bool:
     return place == "after_mix"
 
 
+def check_recompute(recompute_heads: int, recompute_hops: Any) -> bool:
+    """``recompute_hops`` as a bool; it needs chunks of heads to recompute."""
+    recompute_hops = check_flag("recompute_hops", recompute_hops)
+    if recompute_hops and not recompute_heads:
+        raise ValueError("recompute_hops=True needs recompute_heads > 0 (the heads computed, "
+                         "and recomputed, at a time)")
+    return recompute_hops
+
+
 def _attend(plan: Plan, q: torch.Tensor, k: torch.Tensor, attn_dropout: float,
             training: bool) -> tuple[torch.Tensor, ...]:
     """The plan's one-hop attention ``A`` from ``q, k``, with attention dropout."""
@@ -87,11 +96,12 @@ def _by_heads(plan: Plan, attend: Callable[..., tuple[torch.Tensor, ...]],
 
     if not recompute_heads:
         return whole(q, k, v, hop_weights)
-    if not return_attention and torch.is_grad_enabled():
+    if not return_attention and torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (q, k, v, hop_weights)):
         return recomputed_attention(plan, attend, series, recompute_heads, not recompute_hops,
                                     q, k, v, hop_weights), None
-    # nothing to recompute (no backward, or the returned attention needs its graph): the
-    # chunks only bound the memory in use at a time
+    # nothing to recompute (no gradient wanted, or the returned attention needs its graph):
+    # the chunks only bound the memory in use at a time
     chunks = [x.split(recompute_heads, dim=1) for x in (q, k, v)]
     weights = ([None] * len(chunks[0]) if hop_weights is None
                else hop_weights.split(recompute_heads))
@@ -168,7 +178,7 @@ def diffusion_attention(
     plan = batch.edge_plan if return_attention else batch.plan
     after_mix = check_hop_dropout_at(hop_dropout_at, hop_weights is not None)
     recompute_heads = as_int("recompute_heads", recompute_heads, 0)
-    recompute_hops = check_flag("recompute_hops", recompute_hops)
+    recompute_hops = check_recompute(recompute_heads, recompute_hops)
     if hop_weights is not None:
         expected = (v.shape[1], diffusion.hops + 1)
         if (not isinstance(hop_weights, torch.Tensor) or tuple(hop_weights.shape) != expected
@@ -290,7 +300,7 @@ class DiffuserAttention(nn.Module):
         check_hop_dropout_at(hop_dropout_at, self.diffusion.kernel == LEARNED)
         self.hop_dropout_at = hop_dropout_at
         self.recompute_heads = as_int("recompute_heads", recompute_heads, 0)
-        self.recompute_hops = check_flag("recompute_hops", recompute_hops)
+        self.recompute_hops = check_recompute(self.recompute_heads, recompute_hops)
         self.hidden_size, self.num_heads = hidden_size, num_heads
         self.head_dim = hidden_size // num_heads
         self.hop_logits = None

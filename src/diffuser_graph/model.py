@@ -79,6 +79,9 @@ class DiffuserConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_shapes(self) -> DiffuserConfig:
+        if self.recompute_hops and not self.recompute_heads:
+            raise ValueError("recompute_hops=true needs recompute_heads > 0 (the heads computed, "
+                             "and recomputed, at a time)")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads "
                              f"({self.num_heads})")

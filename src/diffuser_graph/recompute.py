@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .engines import Plan
 
@@ -40,6 +41,10 @@ class _GradientTap(torch.autograd.Function):
         return grad.new_zeros(()), None, None
 
 
+def _storage(x: torch.Tensor) -> tuple[torch.device, int]:
+    return x.device, x.untyped_storage().data_ptr()
+
+
 class _AttentionSlots:
     """Saved-tensor hooks: a tensor saved from the storage of a part of the attention is kept
     as its place in that storage, and :meth:`unpack` reads it from :attr:`values`, the
@@ -48,15 +53,15 @@ class _AttentionSlots:
 
     def __init__(self, attention: tuple[torch.Tensor, ...]) -> None:
         # empty parts (no global tokens) share no memory with anything and are not replaced
-        self.storages = {part.untyped_storage().data_ptr(): (i, part.dtype)
+        self.storages = {_storage(part): (i, part.dtype)
                          for i, part in enumerate(attention) if part.numel()}
         self.values: tuple[torch.Tensor, ...] = ()
-        self.kept: set[int] = set()
+        self.kept: set[tuple[torch.device, int]] = set()
 
     def pack(self, x: torch.Tensor) -> Any:
-        found = self.storages.get(x.untyped_storage().data_ptr()) if x.numel() else None
+        found = self.storages.get(_storage(x)) if x.numel() else None
         if found is None or found[1] != x.dtype:
-            self.kept.add(x.untyped_storage().data_ptr())
+            self.kept.add(_storage(x))
             return x
         return found[0], x.shape, x.stride(), x.storage_offset()
 
@@ -81,6 +86,8 @@ class _TappedSeries:
         self.hop_weights = (None if hop_weights is None
                             else hop_weights.detach().requires_grad_(hop_weights.requires_grad))
         self.slots = slots
+        if slots is not None:  # z is the caller's: never released with the output
+            slots.kept.add(_storage(z))
         hooks = (contextlib.nullcontext() if slots is None
                  else torch.autograd.graph.saved_tensors_hooks(slots.pack, slots.unpack))
         with torch.enable_grad(), hooks:
@@ -92,9 +99,8 @@ class _TappedSeries:
         """Free the output's memory (its values were read), unless the graph saved it: only its
         shape matters to :meth:`grads`."""
         assert self.slots is not None
-        storage = self.out.untyped_storage()
-        if storage.data_ptr() not in self.slots.kept:
-            storage.resize_(0)
+        if _storage(self.out) not in self.slots.kept:
+            self.out.untyped_storage().resize_(0)
 
     def grads(self, grad: torch.Tensor, attention: tuple[torch.Tensor, ...]
               ) -> tuple[list[torch.Tensor | None], torch.Tensor | None, torch.Tensor | None]:
@@ -125,6 +131,10 @@ def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]
 
 
 class _RecomputedAttention(torch.autograd.Function):
+    """See :func:`recomputed_attention`. Saves ``q``, ``k`` and, for building a chunk's series
+    again, each chunk's ``plan.enter(v)`` when the hops are kept (their graphs hold it anyway)
+    or ``v`` when not."""
+
     @staticmethod
     def forward(ctx: Any, plan: Plan, attend: Callable[..., tuple[torch.Tensor, ...]],
                 series: Callable[..., torch.Tensor], heads: int, keep_hops: bool,
@@ -143,19 +153,20 @@ class _RecomputedAttention(torch.autograd.Function):
                                             _AttentionSlots(attention))
                 out[:, chunk.heads] = chunk.graph.out
                 chunk.graph.release_output()
+                entered.append(z)
             else:
                 out[:, chunk.heads] = series(attention, z, width, weights)
             ctx.chunks.append(chunk)
-            entered.append(z)
-        ctx.plan, ctx.attend, ctx.series = plan, attend, series
-        ctx.save_for_backward(q, k, hop_weights, *entered)
+        ctx.plan, ctx.attend, ctx.series, ctx.keep_hops = plan, attend, series, keep_hops
+        ctx.save_for_backward(q, k, hop_weights, *(entered if keep_hops else (v,)))
         return out
 
     @staticmethod
+    @once_differentiable  # its gradients are computed without a graph of their own
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        q, k, hop_weights, *entered = ctx.saved_tensors
+        q, k, hop_weights, *values = ctx.saved_tensors
         grads: list[list[torch.Tensor | None]] = [[], [], [], []]  # q, k, v, hop_weights
-        for chunk, z in zip(ctx.chunks, entered, strict=True):
+        for index, chunk in enumerate(ctx.chunks):
             graph, chunk.graph = chunk.graph, None
             cpu_state, device_state = chunk.rng
             with torch.enable_grad(), torch.random.fork_rng(
@@ -167,10 +178,11 @@ class _RecomputedAttention(torch.autograd.Function):
                           for x in (q, k))
                 attention = ctx.attend(q_, k_)
                 if graph is None:  # hops not kept, or a second backward: the same dropout
+                    z = (values[index] if ctx.keep_hops
+                         else ctx.plan.enter(values[0][:, chunk.heads]))
                     graph = _TappedSeries(ctx.series, attention, z, q_.shape[1],
                                           _rows(hop_weights, chunk.heads))
             attention_grads, grad_z, grad_weights = graph.grads(grad[:, chunk.heads], attention)
-            del graph
             reached = [(part, g) for part, g in zip(attention, attention_grads, strict=True)
                        if g is not None]
             sources = [x for x in (q_, k_) if x.requires_grad]
@@ -179,9 +191,12 @@ class _RecomputedAttention(torch.autograd.Function):
                          if reached and sources else [None] * len(sources))
             for into, value in zip(grads, (
                     *(next(found) if x.requires_grad else None for x in (q_, k_)),
-                    None if grad_z is None else ctx.plan.leave(grad_z, q_.shape[1]),
+                    ctx.plan.leave(grad_z, q_.shape[1])
+                    if grad_z is not None and ctx.needs_input_grad[7] else None,
                     grad_weights), strict=True):
                 into.append(value)
+            # this chunk's attention, graph and gradients are not kept while the next one runs
+            del graph, attention, attention_grads, grad_z, reached, found, q_, k_
         spans = [chunk.heads for chunk in ctx.chunks]
         return (None, None, None, None, None,
                 *(_joined(parts, like, spans, dim) for parts, like, dim in zip(
@@ -220,7 +235,8 @@ def recomputed_attention(plan: Plan, attend: Callable[..., tuple[torch.Tensor, .
     the output ``(N, h, Dv)`` of ``h`` heads from ``z`` in the plan's layout. ``v``'s gradient
     is the plan's ``leave`` of ``z``'s (``leave`` is ``enter``'s adjoint: both move rows,
     ``enter`` pads). A second backward through the same graph (``retain_graph=True``) runs
-    the series again.
+    the series again; the gradients are not differentiable themselves (``create_graph`` raises
+    when differentiated).
     """
     return _RecomputedAttention.apply(plan, attend, series, heads, keep_hops, q, k, v,
                                       hop_weights)

@@ -15,6 +15,7 @@ import dgl
 import torch
 
 from .packed import PackedLayout
+from .products import product
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,27 @@ class GatherPlan(PackedLayout):
         return (weights / total[self.dst],)
 
     def propagate(self, attention: tuple[torch.Tensor, ...], z: torch.Tensor) -> torch.Tensor:
-        messages = attention[0].unsqueeze(-1) * z[self.src]  # (E, H, Dv)
-        return z.new_zeros(self.num_nodes, *z.shape[1:]).index_add(0, self.dst, messages)
+        # a product that keeps A and z for backward, not its (E, H, Dv) messages
+        return product(_HOP, self, attention[0], z)
 
     def edge_attention(self, attention: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return attention[0]
+
+
+def _hop(plan: GatherPlan, a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``A z``: ``a: (E, H)``, ``z: (N, H, Dv)``."""
+    messages = a.unsqueeze(-1) * z[plan.src]  # (E, H, Dv)
+    return z.new_zeros(plan.num_nodes, *z.shape[1:]).index_add(0, plan.dst, messages)
+
+
+def _hop_grad_a(plan: GatherPlan, grad: torch.Tensor, a: torch.Tensor,
+                z: torch.Tensor) -> torch.Tensor:
+    return (grad[plan.dst] * z[plan.src]).sum(-1)
+
+
+def _hop_grad_z(plan: GatherPlan, grad: torch.Tensor, a: torch.Tensor,
+                z: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(z).index_add(0, plan.src, a.unsqueeze(-1) * grad[plan.dst])
+
+
+_HOP = (_hop, _hop_grad_a, _hop_grad_z)
