@@ -160,7 +160,8 @@ def diffusion_attention(
             and with one chunk's intermediates alive at a time, for one more score product.
             Dropout masks are drawn chunk by chunk (other draws than with 0, the same
             distribution) and replayed exactly in backward. With ``return_attention`` the
-            chunks keep their attention (the returned one needs it).
+            chunks keep their attention (the returned one needs it). The gradients are not
+            differentiable again (``create_graph=True`` raises when they are differentiated).
         recompute_hops: with ``recompute_heads``, keep only ``q``, ``k`` and ``v`` and run
             each chunk's hops again in backward too (full activation checkpointing): the
             least memory (no K copies of the values), for K more hops.
