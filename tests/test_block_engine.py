@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from diffuser_graph import (
+    Diffusion,
     PackedBatch,
     PatternSpec,
     build_graph,
@@ -297,3 +298,22 @@ def test_without_a_band_a_single_global_token_is_gathered_in_short_sequences(num
     torch.testing.assert_close(diffusion_attention(block([n], spec), q, k, v),
                                dense_diffusion_attention(dense_mask(build_graph(n, spec)), q, k,
                                                          v), rtol=0, atol=1e-10)
+
+
+
+@pytest.mark.parametrize("kwargs", DIFFUSIONS, ids=["ppr", "one hop", "alpha 0.5", "heat"])
+def test_the_diffusion_keeps_v_itself_as_the_first_hops_input(kwargs):
+    """What the diffusion keeps for the gradient of A is the attention and the hops' inputs: v
+    itself (the first hop propagates v and scales its output, theta_K A v: no scaled copy
+    theta_K v is made) and the later iterates."""
+    n, spec = PATTERNS["window+global+random"]
+    batch = block([n], spec)
+    q, k, v = qkv(n)
+    attention = batch.plan.attention(q, k)
+    z = batch.plan.enter(v)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        batch.plan.diffuse(attention, z, Diffusion(**kwargs), 0.0)
+    assert len(saved) == len(attention) + kwargs["hops"]
+    assert all(x is part for x, part in zip(saved, attention, strict=False))
+    assert saved[len(attention)] is z

@@ -119,12 +119,17 @@ class Diffusion(BaseModel):
         ``v`` is anything ``propagate`` takes that supports ``+`` and scalar ``*`` (a tensor of
         any layout, a numpy array). ``after_mix``, if given, is applied to every iterate after
         ``theta_k v`` is added (where the authors' code drops out). ``in_place``: ``propagate``
-        returns a new tensor nothing else holds (no autograd), so ``theta_k v`` is added into it.
+        returns a new tensor nothing else holds (no autograd), so ``theta_k v`` is added into it,
+        and the first hop propagates ``v`` itself and scales its output, ``theta_K (A v)``: the
+        hops' inputs are then ``v``, which the caller holds anyway, and the later iterates.
         """
         theta = self.coefficients
-        z = v if theta[-1] == 1 else theta[-1] * v
+        scale_first = in_place and theta[-1] != 1
+        z = v if theta[-1] == 1 or in_place else theta[-1] * v
         for weight in reversed(theta[:-1]):
             z = propagate(z)
+            if scale_first:
+                z, scale_first = cast(Z, cast(torch.Tensor, z).mul_(theta[-1])), False
             if weight and isinstance(z, torch.Tensor):  # one pass, no temporary weight * v
                 mix = z.add_ if in_place else z.add
                 z = cast(Z, mix(cast(torch.Tensor, v), alpha=weight))

@@ -589,9 +589,11 @@ class _Diffusion(torch.autograd.Function):
                 grad_v = add_to_grad_v(grad, theta[hops - 1 - index])
             if kept and not ctx.after_mix:
                 grad = grad * kept[index] / (1 - ctx.hop_dropout)
+            if index == 0 and theta[-1] != 1:  # the first hop propagated v, then scaled
+                grad = grad * theta[-1]
             if inputs is not None:
                 attention_grads = ctx.plan.attention_grads(attention, grad, inputs[index],
                                                            attention_grads)
             grad = ctx.plan.propagate_transposed(transposed, grad)
-        grad_v = add_to_grad_v(grad, theta[-1])
+        grad_v = add_to_grad_v(grad, 1.0)
         return (None, None, None, grad_v, *(attention_grads or (None,) * ctx.parts))
