@@ -56,10 +56,10 @@ PRESETS = {  # the settings of the speed issues' tables
                      block_size=64),
 }
 BIGBIRD_RANDOM_BLOCKS = 3  # HF BigBird's default
-# diffuser_recompute: heads computed at a time, their attention recomputed in backward (their
-# hops' inputs kept); diffuser_recompute_hops: the hops recomputed too. On the authors' layer,
-# tensor memory in use at the peak with 1 / 2 / 3 heads at a time: 134 / 145 / 162 MiB (SDPA
-# 136); 1 head took 2-5 % more time than 2 (1.09 against 1.05 s in one process, in turns).
+# diffuser_recompute (--recompute-heads h): h heads computed at a time, their attention
+# recomputed in backward (their hops' inputs kept); diffuser_recompute_hops: the hops recomputed
+# too. On the authors' layer, tensor memory in use at the peak with 1 / 2 heads at a time:
+# 122 / 133 MiB (SDPA 136); 1 head took 0.95-1.05x the time of 2 (in one process, in turns).
 RECOMPUTE_HEADS = 2
 LONGFORMER_GLOBALS = 2
 
@@ -77,11 +77,12 @@ def diffuser_layer(case: dict, device: torch.device):
     or on the causal pattern), one-hop sparse, or dense SDPA (``full``)."""
     spec = layer_pattern(case)
     impl = case["impl"]
+    heads_at_a_time = case.get("recompute_heads", RECOMPUTE_HEADS)
     attention = {"sparse": "sparse", "sdpa": "full"}.get(impl, "diffuser")
     engine = "dgl" if impl == "diffuser_dgl" else "auto"
     layer = DiffuserAttention(case["hidden"], case["heads"], attention=attention,
                               diffusion=Diffusion(alpha=0.1, hops=case["hops"]), pattern=spec,
-                              recompute_heads=RECOMPUTE_HEADS * impl.startswith(
+                              recompute_heads=heads_at_a_time * impl.startswith(
                                   "diffuser_recompute"),
                               recompute_hops=impl == "diffuser_recompute_hops")
     batch = PackedBatch.from_lengths([case["n"]], spec, engine=engine, device=device)
@@ -89,8 +90,8 @@ def diffuser_layer(case: dict, device: torch.device):
         batch.plan  # noqa: B018 -- planned once per batch, as the encoder does
     edges = build_graph(case["n"], spec).num_edges()
     keys = case["n"] if attention == "full" else edges / case["n"]
-    engine_name = batch.engine_name + (f", recompute {RECOMPUTE_HEADS} head"
-                                       + "s" * (RECOMPUTE_HEADS > 1)
+    engine_name = batch.engine_name + (f", recompute {heads_at_a_time} head"
+                                       + "s" * (heads_at_a_time > 1)
                                        + " and hops" * (impl == "diffuser_recompute_hops")
                                        if impl.startswith("diffuser_recompute") else "") + (
         ", causal" if spec.causal else "")
@@ -272,6 +273,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--recompute-heads", type=int, default=RECOMPUTE_HEADS,
+                        help="heads computed (and their attention recomputed) at a time by "
+                             "diffuser_recompute and diffuser_recompute_hops")
     parser.add_argument("--budget", type=float, default=30.0, help="seconds of repeats per case")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every case this many times, the cases taking turns; report "
@@ -292,7 +296,8 @@ def main(argv=None) -> int:
             case = dict(impl=impl, n=n, hidden=preset["hidden"], heads=preset["heads"],
                         pattern=preset["pattern"], block_size=preset["block_size"],
                         hops=args.hops, device=args.device, threads=args.threads,
-                        repeats=args.repeats, budget_s=args.budget)
+                        repeats=args.repeats, budget_s=args.budget,
+                        recompute_heads=args.recompute_heads)
             if impl in PEERS and not installed(PEERS[impl]):
                 rows.append({**case, "error": f"{PEERS[impl]} is not installed (bench extra)"})
             elif impl == "diffuser_dgl" and on_cuda:

@@ -1,4 +1,6 @@
 """The benchmark suite runs end to end, and its baselines compute the same function."""
+import argparse
+import importlib
 import importlib.util
 import json
 from pathlib import Path
@@ -99,7 +101,7 @@ def test_every_layer_maps_hidden_states_and_reports_its_pattern(impl):
         torch.testing.assert_close(forward(later)[:-1], out[:-1].detach(), rtol=0, atol=0)
 
 
-def test_diffuser_layer_on_the_dgl_engine_equals_the_auto_engine(monkeypatch):
+def test_diffuser_layer_on_the_dgl_engine_equals_the_auto_engine():
     case = layer_case("diffuser", pattern="official")
     torch.manual_seed(0)
     _, fast, info = layers.diffuser_layer(case, torch.device("cpu"))
@@ -109,13 +111,13 @@ def test_diffuser_layer_on_the_dgl_engine_equals_the_auto_engine(monkeypatch):
     assert info["engine"] == "block"
     torch.testing.assert_close(fast(x), reference(x), rtol=1e-5, atol=1e-5)
     torch.manual_seed(0)
-    monkeypatch.setattr(layers, "RECOMPUTE_HEADS", 1)  # the case's two heads in two chunks
-    _, recomputed, info = layers.diffuser_layer({**case, "impl": "diffuser_recompute"},
+    chunked = {**case, "recompute_heads": 1}  # the case's two heads in two chunks
+    _, recomputed, info = layers.diffuser_layer({**chunked, "impl": "diffuser_recompute"},
                                                 torch.device("cpu"))
     assert info["engine"] == "block, recompute 1 head"
     torch.testing.assert_close(recomputed(x), fast(x), rtol=1e-6, atol=1e-6)
     torch.manual_seed(0)
-    _, recomputed, info = layers.diffuser_layer({**case, "impl": "diffuser_recompute_hops"},
+    _, recomputed, info = layers.diffuser_layer({**chunked, "impl": "diffuser_recompute_hops"},
                                                 torch.device("cpu"))
     assert info["engine"] == "block, recompute 1 head and hops"
     torch.testing.assert_close(recomputed(x), fast(x), rtol=1e-6, atol=1e-6)
@@ -139,6 +141,24 @@ def test_layer_suite_writes_ratios_and_names_missing_peers(tmp_path, monkeypatch
     assert causal["time_vs_noncausal"] == pytest.approx(
         causal["forward_backward_s"] / by_impl["diffuser"]["forward_backward_s"])
     assert f"{causal['time_vs_noncausal']:.2f}× at 256" in table
+
+
+def test_layer_suite_recomputes_the_heads_given_at_a_time(tmp_path):
+    assert layers.main(["--lengths", "64", "--impls", "diffuser_recompute", "--repeats", "1",
+                        "--budget", "0.1", "--threads", "1", "--recompute-heads", "1",
+                        "--out", str(tmp_path)]) == 0
+    row, = json.loads((tmp_path / "layers-peers.json").read_text())["rows"]
+    assert row["engine"].endswith("recompute 1 head") and row["recompute_heads"] == 1
+
+
+def test_a_case_runs_with_the_allocator_train_uses(monkeypatch, capsys):
+    measure = importlib.import_module("measure")
+    calls = []
+    monkeypatch.setattr(measure, "retain_freed_memory", lambda: calls.append("allocator"))
+    args = argparse.Namespace(case=json.dumps({"n": 1}))
+    assert measure.ran_one_case(args, lambda case: calls.append("case") or {**case, "ok": 1})
+    assert calls == ["allocator", "case"]
+    assert json.loads(capsys.readouterr().out) == {"n": 1, "ok": 1}
 
 
 def test_rounds_take_turns_and_report_medians_and_the_largest_peak(monkeypatch):
