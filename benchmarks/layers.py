@@ -59,7 +59,7 @@ BIGBIRD_RANDOM_BLOCKS = 3  # HF BigBird's default
 # diffuser_recompute (--recompute-heads h): h heads computed at a time, their attention
 # recomputed in backward (their hops' inputs kept); diffuser_recompute_hops: the hops recomputed
 # too. On the authors' layer, tensor memory in use at the peak with 1 / 2 heads at a time:
-# 122 / 133 MiB (SDPA 136); 1 head took 0.95-1.05x the time of 2 (in one process, in turns).
+# 122 / 133 MiB (SDPA 136); 1 head took 0.95-1.09x the time of 2 (in one process, in turns).
 RECOMPUTE_HEADS = 2
 LONGFORMER_GLOBALS = 2
 

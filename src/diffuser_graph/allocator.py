@@ -4,17 +4,19 @@ glibc's ``malloc`` gives every block above its mmap threshold (128 KiB at first,
 32 MiB) a mapping of its own and hands it back to the kernel on ``free``, and it trims the top of
 its heap whenever 128 KiB or more lies free there. A training step allocates and frees the same
 large tensors every step, so each of them is page-faulted in again, page by page, every step.
-:func:`retain_freed_memory` serves every block from the heap (no mapping of its own, whatever
-its size) and stops the trimming, so freed blocks stay in the process and are reused: the
-resident set stays at its peak, as it does with PyTorch's CUDA caching allocator or with
-jemalloc/tcmalloc (which PyTorch's CPU performance guide suggests preloading).
+:func:`retain_freed_memory` fixes the threshold at its maximum and stops the trimming, so freed
+blocks stay in the process and are reused: the resident set stays at its peak, as it does with
+PyTorch's CUDA caching allocator or with jemalloc/tcmalloc (which PyTorch's CPU performance
+guide suggests preloading).
 
 Measured on this project's 2-core CPU (one thread, forward + backward of a K = 5 block-engine
 attention layer of pathfinder-small's shapes, run alternately): median 96-156 ms with it,
-146-226 ms without; see the README's training section for steps/s. Blocks above 32 MiB (the
-values of 4 heads of a 65,536-token sequence take 64 MiB) were still mapped with the threshold at
-its maximum: K = 5 attention at 65,536 tokens (2 threads, 4 x 64 heads) took 2.01 s, 459,000 page
-faults and 1.5 s of system time per forward + backward; served from the heap, 1.40 s and none.
+146-226 ms without; see the README's training section for steps/s. Blocks above 32 MiB keep
+their own mappings: serving them from the heap as well (``M_MMAP_MAX`` 0) took K = 5 attention
+at 65,536 tokens (4 x 64 heads, 2 threads) from 2.0 to 1.4 s per forward + backward (459,000
+page faults fewer), but the heap fragmented and grew step after step (a 131,072-token layer:
+4.3, 5.4 and 5.9 GiB resident after its first three steps; its peak with glibc's defaults is
+3.2 GiB).
 """
 
 from __future__ import annotations
@@ -27,10 +29,8 @@ import sys
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
-M_MMAP_MAX = -4
 
 MMAP_THRESHOLD = 32 * 2**20  # the largest glibc accepts on a 64-bit machine
-MMAP_MAX = 0  # no block gets a mapping of its own, not even those above the threshold
 TOP_PAD = 64 * 2**20  # grow the heap in steps of at least this much
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: trim only past 2 GiB of free heap top
 
@@ -48,5 +48,5 @@ def retain_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return all(mallopt(parameter, value) == 1 for parameter, value in (
-        (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_MMAP_MAX, MMAP_MAX), (M_TOP_PAD, TOP_PAD),
+        (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TOP_PAD, TOP_PAD),
         (M_TRIM_THRESHOLD, TRIM_THRESHOLD)))
