@@ -306,6 +306,8 @@ def main(argv=None) -> int:
                 todo.append(case)
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if args.recompute_heads < 1:
+        parser.error(f"--recompute-heads must be at least 1, got {args.recompute_heads}")
     with tqdm(total=len(todo) * args.rounds, desc="layers") as bar:
         rows += run_in_rounds(__file__, todo, args.rounds, args.timeout, bar.update)
     rows.sort(key=lambda r: (r["n"], list(LAYERS).index(r["impl"])))

@@ -123,13 +123,16 @@ def add_case_options(parser: argparse.ArgumentParser, timeout: float = 900.0) ->
     parser.add_argument("--case", help=argparse.SUPPRESS)
 
 
-def ran_one_case(args: argparse.Namespace, run_case: Callable[[dict], dict]) -> bool:
+def ran_one_case(args: argparse.Namespace, run_case: Callable[[dict], dict],
+                 retain_memory: bool = True) -> bool:
     """If ``--case`` was given, run that one case and print its result as JSON (the line
-    :func:`run_in_subprocess` reads); whether it was. Every case, baselines included, runs with
-    the C allocator set as ``train`` sets it (:func:`retain_freed_memory`): freed memory is
+    :func:`run_in_subprocess` reads); whether it was. With ``retain_memory`` (suites whose
+    cases do not set the allocator themselves) every case, baselines included, runs with the C
+    allocator set as ``train`` sets it by default (:func:`retain_freed_memory`): freed memory is
     reused rather than mapped and page-faulted in again on every step."""
     if args.case:
-        retain_freed_memory()
+        if retain_memory:
+            retain_freed_memory()
         print(json.dumps(run_case(json.loads(args.case))))
     return bool(args.case)
 

@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     add_case_options(parser)
     args = parser.parse_args(argv)
-    if ran_one_case(args, run_case):
+    if ran_one_case(args, run_case, retain_memory=False):  # Runtime.start sets it per config
         return 0
     for name in args.configs:
         if not (ROOT / "configs" / f"{name}.yaml").is_file():

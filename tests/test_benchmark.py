@@ -149,6 +149,8 @@ def test_layer_suite_recomputes_the_heads_given_at_a_time(tmp_path):
                         "--out", str(tmp_path)]) == 0
     row, = json.loads((tmp_path / "layers-peers.json").read_text())["rows"]
     assert row["engine"].endswith("recompute 1 head") and row["recompute_heads"] == 1
+    with pytest.raises(SystemExit):
+        layers.main(["--recompute-heads", "0", "--out", str(tmp_path)])
 
 
 def test_a_case_runs_with_the_allocator_train_uses(monkeypatch, capsys):
@@ -159,6 +161,9 @@ def test_a_case_runs_with_the_allocator_train_uses(monkeypatch, capsys):
     assert measure.ran_one_case(args, lambda case: calls.append("case") or {**case, "ok": 1})
     assert calls == ["allocator", "case"]
     assert json.loads(capsys.readouterr().out) == {"n": 1, "ok": 1}
+    assert measure.ran_one_case(args, lambda case: calls.append("case") or case,
+                                retain_memory=False)  # the training suite: as its config says
+    assert calls == ["allocator", "case", "case"]
 
 
 def test_rounds_take_turns_and_report_medians_and_the_largest_peak(monkeypatch):

@@ -94,13 +94,16 @@ def test_gradients_agree_across_engines(pattern):
                                        msg=f"{engine} d/d{name}")
 
 
+@pytest.mark.parametrize("diffusion", [dict(hops=3, alpha=0.3), dict(hops=1, alpha=0.5),
+                                       dict(hops=2, alpha=1.0), dict(hops=2, alpha=0.0)],
+                         ids=["ppr", "one hop", "theta_K = 0", "theta_K = 1"])
 @pytest.mark.parametrize("engine", CONCRETE)
-def test_gradcheck(engine):
+def test_gradcheck(engine, diffusion):
     spec = PatternSpec(window=1, num_global=1, num_random=2)
     batch = PackedBatch.from_lengths([7, 5], spec, engine=engine)
     q, k, v = qkv(12, heads=1, dim=3, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: diffusion_attention(batch, q, k, v, hops=3, alpha=0.3), (q, k, v))
+        lambda q, k, v: diffusion_attention(batch, q, k, v, **diffusion), (q, k, v))
 
 
 @pytest.mark.parametrize("kernel", ["ppr", "heat"])

@@ -12,11 +12,12 @@ guide suggests preloading).
 Measured on this project's 2-core CPU (one thread, forward + backward of a K = 5 block-engine
 attention layer of pathfinder-small's shapes, run alternately): median 96-156 ms with it,
 146-226 ms without; see the README's training section for steps/s. Blocks above 32 MiB keep
-their own mappings: serving them from the heap as well (``M_MMAP_MAX`` 0) took K = 5 attention
-at 65,536 tokens (4 x 64 heads, 2 threads) from 2.0 to 1.4 s per forward + backward (459,000
-page faults fewer), but the heap fragmented and grew step after step (a 131,072-token layer:
-4.3, 5.4 and 5.9 GiB resident after its first three steps; its peak with glibc's defaults is
-3.2 GiB).
+their own mappings. Serving them from the heap as well (``M_MMAP_MAX`` 0) was measured and left
+out: K = 5 attention at 65,536 tokens (4 x 64 heads, 2 threads, one process) took 1.4 s per
+forward + backward with no page fault, against 2.0 s and 459,000 page faults with glibc's
+defaults, but the heap fragmented and grew step after step: a 131,072-token layer (hidden 256)
+was resident at 4.3, 5.4 and 5.9 GiB after its first three steps, where with glibc's defaults its
+peak is 3.2 GiB.
 """
 
 from __future__ import annotations

@@ -120,8 +120,8 @@ class Diffusion(BaseModel):
         any layout, a numpy array). ``after_mix``, if given, is applied to every iterate after
         ``theta_k v`` is added (where the authors' code drops out). ``in_place``: ``propagate``
         returns a new tensor nothing else holds (no autograd), so ``theta_k v`` is added into it,
-        and the first hop propagates ``v`` itself and scales its output, ``theta_K (A v)``: the
-        hops' inputs are then ``v``, which the caller holds anyway, and the later iterates.
+        and the first hop propagates ``v`` itself and scales its output, ``theta_K (A v)``: a
+        ``propagate`` that keeps its inputs keeps ``v`` and the later iterates, no scaled copy.
         """
         theta = self.coefficients
         scale_first = in_place and theta[-1] != 1
@@ -129,7 +129,8 @@ class Diffusion(BaseModel):
         for weight in reversed(theta[:-1]):
             z = propagate(z)
             if scale_first:
-                z, scale_first = cast(Z, cast(torch.Tensor, z).mul_(theta[-1])), False
+                z = cast(Z, z.mul_(theta[-1])) if isinstance(z, torch.Tensor) else theta[-1] * z
+                scale_first = False
             if weight and isinstance(z, torch.Tensor):  # one pass, no temporary weight * v
                 mix = z.add_ if in_place else z.add
                 z = cast(Z, mix(cast(torch.Tensor, v), alpha=weight))

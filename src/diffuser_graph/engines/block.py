@@ -587,13 +587,14 @@ class _Diffusion(torch.autograd.Function):
                 grad = grad * kept[index] / (1 - ctx.hop_dropout)
             if theta[hops - 1 - index]:
                 grad_v = add_to_grad_v(grad, theta[hops - 1 - index])
+            scale = theta[-1] if index == 0 else 1.0  # the first hop propagated v, then scaled
             if kept and not ctx.after_mix:
-                grad = grad * kept[index] / (1 - ctx.hop_dropout)
-            if index == 0 and theta[-1] != 1:  # the first hop propagated v, then scaled
-                grad = grad * theta[-1]
+                grad = grad * kept[index] * (scale / (1 - ctx.hop_dropout))
+            elif scale != 1:
+                grad = grad * scale
             if inputs is not None:
                 attention_grads = ctx.plan.attention_grads(attention, grad, inputs[index],
                                                            attention_grads)
             grad = ctx.plan.propagate_transposed(transposed, grad)
-        grad_v = add_to_grad_v(grad, 1.0)
+        grad_v = grad if grad_v is None else grad_v.add_(grad)  # grad is this function's own
         return (None, None, None, grad_v, *(attention_grads or (None,) * ctx.parts))
