@@ -15,6 +15,7 @@ from diffuser_graph import (
     dense_mask,
     diffusion_attention,
 )
+from diffuser_graph.engines import block as block_engine
 from diffuser_graph.engines.block import block_layout, prefer_block
 
 PATTERNS = {
@@ -301,19 +302,85 @@ def test_without_a_band_a_single_global_token_is_gathered_in_short_sequences(num
 
 
 
+@pytest.mark.parametrize("chunk_rows", [2**16, 96], ids=["one slice", "a slice per head"])
 @pytest.mark.parametrize("kwargs", DIFFUSIONS, ids=["ppr", "one hop", "alpha 0.5", "heat"])
-def test_the_diffusion_keeps_v_itself_as_the_first_hops_input(kwargs):
+def test_the_diffusion_keeps_v_itself_as_the_first_hops_input(monkeypatch, kwargs, chunk_rows):
     """What the diffusion keeps for the gradient of A is the attention and the hops' inputs: v
     itself (the first hop propagates v and scales its output, theta_K A v: no scaled copy
-    theta_K v is made) and the later iterates."""
+    theta_K v is made) and the later iterates, slice by slice."""
+    monkeypatch.setattr(block_engine, "CHUNK_ROWS", chunk_rows)
     n, spec = PATTERNS["window+global+random"]
     batch = block([n], spec)
     q, k, v = qkv(n)
     attention = batch.plan.attention(q, k)
     z = batch.plan.enter(v)
+    slices = len(batch.plan.slices(2))
+    assert slices == (1 if chunk_rows > 2 * n else 2)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
         batch.plan.diffuse(attention, z, Diffusion(**kwargs), 0.0)
-    assert len(saved) == len(attention) + kwargs["hops"]
+    assert len(saved) == len(attention) + kwargs["hops"] * slices
     assert all(x is part for x, part in zip(saved, attention, strict=False))
-    assert saved[len(attention)] is z
+    firsts = saved[len(attention)::kwargs["hops"]]  # each slice's v: a view of z's rows
+    assert [(x.data_ptr(), x.numel()) for x in firsts] == [
+        (z.data_ptr() + i * z.numel() // slices * z.element_size(), z.numel() // slices)
+        for i in range(slices)]
+
+
+def test_slices_cut_a_groups_sequences_and_heads_by_rows(monkeypatch):
+    """On the CPU a group's (sequence, head) pairs are cut into slices of at most CHUNK_ROWS
+    rows (at least one pair each); elsewhere a group is one slice."""
+    monkeypatch.setattr(block_engine, "CHUNK_ROWS", 3 * 64)
+    spec = PATTERNS["window+global+random"][1]
+    plan = block([64, 64, 40], spec).plan
+    padded = {group.layout.n: group.layout.padded for group in plan.groups}
+    assert padded == {64: 64, 40: 40}  # no band (window 4): no padding
+    assert [(piece.layout.n, piece.size) for piece in plan.slices(4)] == [
+        (64, 3), (64, 3), (64, 2), (40, 4)]
+    assert [piece.size for piece in plan.slices(1)] == [2, 1]
+    monkeypatch.setattr(block_engine, "CHUNK_ROWS", 10)  # less than one pair: a pair each
+    assert [piece.size for piece in block([64], spec).plan.slices(3)] == [1, 1, 1]
+    on_meta = block_engine.BlockPlan([64, 64], spec, torch.device("meta"))
+    assert [piece.size for piece in on_meta.slices(4)] == [8]
+
+
+@pytest.mark.parametrize("lengths", [[90], [90, 90, 50]])
+def test_sliced_diffusion_gives_the_values_and_gradients_of_one_slice(monkeypatch, lengths):
+    """Slices that split heads and sequences compute what one batched call computes (and what
+    DGL computes)."""
+    spec = PATTERNS["window+global+random"][1]
+    q, k, v = qkv(sum(lengths), heads=3)
+    results = []
+    for chunk_rows in (2**16, 2 * 90):  # one slice per length; two (sequence, head) pairs
+        monkeypatch.setattr(block_engine, "CHUNK_ROWS", chunk_rows)
+        batch = block(lengths, spec)
+        out = diffusion_attention(batch, q, k, v, alpha=0.1, hops=4)
+        results.append((out, *torch.autograd.grad(out.square().sum(), [q, k, v])))
+    # 180 rows: two pairs of 90 tokens, three of 50
+    assert [piece.size for piece in batch.plan.slices(3)] == (
+        [2, 1] if len(lengths) == 1 else [2, 2, 2, 3])
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    dgl = diffusion_attention(PackedBatch.from_lengths(lengths, spec, engine="dgl"), q, k, v,
+                              alpha=0.1, hops=4)
+    torch.testing.assert_close(results[1][0], dgl, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dropout, hop_dropout_at", [(0.0, "before_mix"), (0.3, "before_mix"),
+                                                     (0.3, "after_mix")])
+def test_sliced_diffusion_passes_gradcheck(monkeypatch, dropout, hop_dropout_at):
+    """Each slice's adjoint series uses its own hop inputs and dropout masks (the same masks
+    on every call: the random state is reset inside)."""
+    monkeypatch.setattr(block_engine, "CHUNK_ROWS", 9)  # a (sequence, head) pair per slice
+    spec = PatternSpec(window=1, num_global=1, num_random=2, seed=3)
+    batch = block([9, 9, 6], spec)
+    assert len(batch.plan.slices(2)) == 6
+    q, k, v = qkv(24, heads=2, dim=2)
+
+    def attend(q, k, v):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return diffusion_attention(batch, q, k, v, alpha=0.2, hops=3, hop_dropout=dropout,
+                                       hop_dropout_at=hop_dropout_at, training=True)
+
+    torch.autograd.gradcheck(attend, (q, k, v), fast_mode=True)

@@ -28,14 +28,15 @@ def _case(engine="block"):
 
 
 class _Counting:
-    """Wraps a plan's methods to count their calls and keep weak references to the storages of
-    the attention parts it makes."""
+    """Wraps a block plan's methods to count their calls (``propagate``: hops of a slice) and
+    keep weak references to the storages of the attention parts it makes."""
 
     def __init__(self, monkeypatch, plan):
         self.calls = {"attention": 0, "propagate": 0}
+        methods = {"attention": "attention", "propagate": "propagate_slice"}
         self.storages = []
         for name in self.calls:
-            original = getattr(plan, name)
+            original = getattr(plan, methods[name])
 
             def counted(*args, _name=name, _original=original):
                 self.calls[_name] += 1
@@ -45,7 +46,7 @@ class _Counting:
                                       for part in result if part.numel()]
                 return result
 
-            monkeypatch.setattr(plan, name, counted)
+            monkeypatch.setattr(plan, methods[name], counted)
 
     def alive(self):
         return _holding(self.storages)
@@ -68,7 +69,8 @@ def test_the_attention_is_freed_after_forward_and_recomputed_once_per_chunk(
     out = diffusion_attention(batch, q, k, v, hops=3, recompute_heads=recompute_heads,
                               recompute_hops=recompute_hops)
     chunks = 2 if recompute_heads else 1
-    assert counting.calls == {"attention": chunks, "propagate": 3 * chunks}
+    hops = 3 * chunks * len(batch.plan.slices(q.shape[1] // chunks))  # a slice per length
+    assert counting.calls == {"attention": chunks, "propagate": hops}
     if recompute_heads:
         assert counting.alive() == 0  # nothing of the attention is kept for backward
     else:
@@ -76,7 +78,7 @@ def test_the_attention_is_freed_after_forward_and_recomputed_once_per_chunk(
     out.square().sum().backward()
     # backward recomputes each chunk's attention, and its hops only with recompute_hops
     assert counting.calls == {"attention": 2 * chunks if recompute_heads else 1,
-                              "propagate": 3 * chunks * (1 + recompute_hops)}
+                              "propagate": hops * (1 + recompute_hops)}
 
 
 @pytest.mark.parametrize("recompute_hops", [False, True])
@@ -84,20 +86,21 @@ def test_recompute_hops_keeps_no_hop_input(monkeypatch, recompute_hops):
     """The hops' inputs are kept between forward and backward, or with recompute_hops not."""
     batch, q, k, v = _case()
     outputs = []
-    original = batch.plan.propagate
+    original = batch.plan.propagate_slice
 
-    def recorded(attention, z):
-        out = original(attention, z)
+    def recorded(*args):
+        out = original(*args)
         outputs.append(StorageWeakRef(out.untyped_storage()))
         return out
 
-    monkeypatch.setattr(batch.plan, "propagate", recorded)
+    monkeypatch.setattr(batch.plan, "propagate_slice", recorded)
     out = diffusion_attention(batch, q, k, v, hops=3, recompute_heads=2,
                               recompute_hops=recompute_hops)
-    # per chunk, the outputs of hops 1 and 2 are the inputs of hops 2 and 3 (the output of hop
-    # 3, the result, is not checked: leaving the layout may keep a view of it)
-    inputs = outputs[0:2] + outputs[3:5]
-    assert _holding(inputs) == (0 if recompute_hops else 4)
+    # per chunk and slice, the outputs of hops 1 and 2 are the inputs of hops 2 and 3 (the
+    # output of hop 3, the result, is not checked: leaving the layout may keep a view of it)
+    inputs = [out for i, out in enumerate(outputs) if i % 3 != 2]
+    assert len(inputs) == 2 * 2 * len(batch.plan.slices(2))
+    assert _holding(inputs) == (0 if recompute_hops else len(inputs))
     out.sum().backward()
 
 
@@ -141,7 +144,8 @@ def test_returned_attention_keeps_its_graph_and_inference_recomputes_nothing(mon
     counting = _Counting(monkeypatch, batch.plan)
     with torch.no_grad():
         out = diffusion_attention(batch, q, k, v, hops=2, recompute_heads=1)
-    assert counting.calls == {"attention": 4, "propagate": 8}  # one chunk per head
+    # one chunk per head, two hops of its slices (one per length)
+    assert counting.calls == {"attention": 4, "propagate": 4 * 2 * len(batch.plan.slices(1))}
     assert counting.alive() == 0
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 

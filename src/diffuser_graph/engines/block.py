@@ -385,6 +385,15 @@ def _attention_grads(layout: BlockLayout, g: torch.Tensor, z: torch.Tensor, gath
 PARTS = 4  # tensors of one group's attention: band, global keys, random keys, global rows
 
 
+# The most rows (sequences x heads x tokens) one batched computation holds on the CPU. The hops
+# read their iterate's rows in random order (the random keys) and stream the band over it: at
+# 64 features a chunk of 2**16 rows is a 16 MiB table, which stays in this CPU's 32 MiB L3 cache,
+# and every tensor of the chunk stays below glibc's 32 MiB mmap threshold, so its memory is
+# reused step after step (:mod:`..allocator`) rather than mapped and page-faulted in again.
+# Measured (K = 5 attention, 4 x 64 heads, 2 threads, 65,536 tokens): see the README.
+CHUNK_ROWS = 2**16
+
+
 @dataclass
 class _Group:
     """Sequences of one length: their packed rows (sequence-major), their shared layout, and the
@@ -404,13 +413,30 @@ class _Group:
         return self.gathers[batch]
 
 
+@dataclass(frozen=True)
+class _Slice:
+    """One batched computation: ``size`` consecutive (sequence, head) pairs of one group."""
+
+    group: _Group
+    size: int
+
+    @property
+    def layout(self) -> BlockLayout:
+        return self.group.layout
+
+    @property
+    def gather(self) -> GatherIndex:
+        return self.group.gather(self.size)
+
+
 class BlockPlan:
-    """Sequences grouped by length; each group is one batched computation on its layout, with the
-    sequences of the group next to the heads in the leading (batch) dimension.
+    """Sequences grouped by length; each group is batched computations on its layout, with the
+    sequences of the group next to the heads in the leading (batch) dimension, cut into slices
+    of at most :data:`CHUNK_ROWS` rows on the CPU.
 
     The diffusion runs in the plan's own layout (:meth:`enter`, :meth:`leave`): every group's
     ``(count * H, padded, D)`` rows stacked into one ``(rows, D)`` tensor, so the K hops move no
-    data between layouts.
+    data between layouts; the attention is :data:`PARTS` tensors per slice.
     """
 
     name = "block"
@@ -429,14 +455,43 @@ class BlockPlan:
                                       torch.from_numpy(rows).to(device), len(members),
                                       int(rows[0]) if consecutive else None))
         self.num_tokens = int(sum(lengths))
+        self.rows_per_head = sum(group.count * group.layout.padded for group in self.groups)
+        # on other devices one batched call per group: there the wider the better
+        self.chunk_rows = CHUNK_ROWS if device.type == "cpu" else None
+        self._slices: dict[int, list[_Slice]] = {}
+
+    def slices(self, heads: int) -> list[_Slice]:
+        """The batched computations of ``heads`` heads, in the order of the plan layout."""
+        if heads not in self._slices:
+            slices = []
+            for group in self.groups:
+                pairs = group.count * heads
+                per = pairs if self.chunk_rows is None else max(
+                    1, self.chunk_rows // group.layout.padded)
+                slices += [_Slice(group, min(per, pairs - first))
+                           for first in range(0, pairs, per)]
+            self._slices[heads] = slices
+        return self._slices[heads]
+
+    def heads(self, x: torch.Tensor) -> int:
+        """How many heads a tensor in the plan layout ``(rows, D)`` holds."""
+        return x.shape[0] // self.rows_per_head
 
     def _slabs(self, x: torch.Tensor, heads: int) -> list[torch.Tensor]:
-        """The plan layout ``(rows, D)`` cut into each group's ``(count * H, padded, D)``."""
-        sizes = [group.count * heads * group.layout.padded for group in self.groups]
-        # one group: a view, not a split (whose backward would copy the whole gradient)
+        """The plan layout ``(rows, D)`` cut into each slice's ``(size, padded, D)``."""
+        slices = self.slices(heads)
+        sizes = [piece.size * piece.layout.padded for piece in slices]
+        # one slice: a view, not a split (whose backward would copy the whole gradient)
         parts = torch.split(x, sizes) if len(sizes) > 1 else (x,)
-        return [part.view(-1, group.layout.padded, x.shape[-1])
-                for part, group in zip(parts, self.groups, strict=True)]
+        return [part.view(-1, piece.layout.padded, x.shape[-1])
+                for part, piece in zip(parts, slices, strict=True)]
+
+    def per_slice(self, attention: tuple[torch.Tensor, ...],
+                  *tensors: torch.Tensor) -> list[tuple[Any, ...]]:
+        """Each slice with its attention parts and its slab of each tensor (plan layout)."""
+        slabs = [self._slabs(x, self.heads(tensors[0])) for x in tensors]
+        return [(piece, attention[PARTS * i:PARTS * (i + 1)], *(slab[i] for slab in slabs))
+                for i, piece in enumerate(self.slices(self.heads(tensors[0])))]
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         """Packed ``x: (N, H, D)`` -> the plan layout ``(rows, D)``."""
@@ -461,8 +516,10 @@ class BlockPlan:
     def leave(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         """The plan layout ``(rows, D)`` -> packed ``(N, H, D)``."""
         dim = x.shape[-1]
+        sizes = [group.count * heads * group.layout.padded for group in self.groups]
         tokens = []
-        for group, slab in zip(self.groups, self._slabs(x, heads), strict=True):
+        for group, slab in zip(self.groups, torch.split(x, sizes) if len(sizes) > 1 else (x,),
+                               strict=True):
             rows = slab.view(group.count, heads, -1, dim)
             if group.layout.padded > group.layout.n:  # a slice's backward zero-fills its input
                 rows = rows[:, :, :group.layout.n]
@@ -476,125 +533,130 @@ class BlockPlan:
 
     def attention(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
         heads = q.shape[1]
-        return tuple(tensor for group, q_slab, k_slab in zip(
-            self.groups, self._slabs(self.enter(q), heads), self._slabs(self.enter(k), heads),
-            strict=True) for tensor in _attention_parts(group.layout, q_slab, k_slab,
-                                           group.gather(group.count * heads)))
+        return tuple(tensor for piece, q_slab, k_slab in zip(
+            self.slices(heads), self._slabs(self.enter(q), heads),
+            self._slabs(self.enter(k), heads), strict=True)
+            for tensor in _attention_parts(piece.layout, q_slab, k_slab, piece.gather))
 
     def propagate(self, attention: tuple[torch.Tensor, ...], z: torch.Tensor) -> torch.Tensor:
         """One hop in the plan layout: ``z: (rows, D)`` from :meth:`enter`."""
-        heads = attention[1].shape[0] // self.groups[0].count  # global keys: (count * H, ...)
-        hops = [_propagate_one(group.layout, attention[PARTS * i:PARTS * (i + 1)], slab,
-                               group.gather(group.count * heads)).reshape(-1, z.shape[-1])
-                for i, (group, slab) in enumerate(zip(self.groups, self._slabs(z, heads),
-                                                      strict=True))]
+        hops = [self.propagate_slice(piece, parts, slab).reshape(-1, z.shape[-1])
+                for piece, parts, slab in self.per_slice(attention, z)]
         return hops[0] if len(hops) == 1 else torch.cat(hops)
+
+    def propagate_slice(self, piece: _Slice, parts: tuple[torch.Tensor, ...],
+                        z: torch.Tensor) -> torch.Tensor:
+        """One hop of one slice: ``A z`` for its ``z: (size, padded, D)`` and its parts."""
+        return _propagate_one(piece.layout, parts, z, piece.gather)
 
     def diffuse(self, attention: tuple[torch.Tensor, ...], v: torch.Tensor, diffusion: Diffusion,
                 hop_dropout: float, after_mix: bool = False) -> torch.Tensor:
         """The K-hop series with its gradient by the adjoint series (:class:`_Diffusion`)."""
         return _Diffusion.apply(self, diffusion, (hop_dropout, after_mix), v, *attention)
 
-    def _per_group(self, attention: tuple[torch.Tensor, ...], heads: int,
-                   *tensors: torch.Tensor) -> list[tuple[Any, ...]]:
-        """Each group with its attention parts, its gather index and its slab of each tensor."""
-        slabs = [self._slabs(x, heads) for x in tensors]
-        return [(group, attention[PARTS * i:PARTS * (i + 1)], group.gather(group.count * heads),
-                 *(slab[i] for slab in slabs)) for i, group in enumerate(self.groups)]
-
-    def transposed(self, attention: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """What :meth:`propagate_transposed` applies ``A^T`` from (no autograd)."""
-        heads = attention[1].shape[0] // self.groups[0].count
-        return tuple(part for group, parts, gather in self._per_group(attention, heads)
-                     for part in _transposed_parts(group.layout, parts, gather))
-
-    def propagate_transposed(self, transposed: tuple[torch.Tensor, ...],
-                             g: torch.Tensor) -> torch.Tensor:
-        """``A^T g`` in the plan layout, from :meth:`transposed` (no autograd)."""
-        heads = transposed[1].shape[0] // self.groups[0].count
-        out = [_propagate_transposed(group.layout, parts, slab, gather).reshape(-1, g.shape[-1])
-               for group, parts, gather, slab in self._per_group(transposed, heads, g)]
-        return out[0] if len(out) == 1 else torch.cat(out)
-
-    def attention_grads(self, attention: tuple[torch.Tensor, ...], g: torch.Tensor,
-                        z: torch.Tensor,
-                        add_to: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, ...]:
-        """The gradients of the attention parts from ``g`` (gradients of ``A z``) and ``z``, in
-        the plan layout; added to ``add_to`` (earlier hops' gradients) when given."""
-        heads = attention[1].shape[0] // self.groups[0].count
-        return tuple(grad for i, (group, _, gather, g_slab, z_slab) in enumerate(self._per_group(
-            attention, heads, g, z)) for grad in _attention_grads(
-                group.layout, g_slab, z_slab, gather,
-                None if add_to is None else add_to[PARTS * i:PARTS * (i + 1)]))
-
     def edge_attention(self, attention: tuple[torch.Tensor, ...]) -> torch.Tensor:
         raise ValueError("the block engine holds attention in blocks, not per edge; use the "
                          "dgl or gather engine for edge attention")
 
 
+def _joined(pieces: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The slices' ``(size, padded, D)`` results as one ``(rows, D)`` tensor shaped as ``like``;
+    each piece can be freed once copied (a ``cat`` would hold them all until it ran)."""
+    if len(pieces) == 1:
+        return pieces[0].view(like.shape)
+    out = like.new_empty(like.shape)
+    for slab, piece in zip(torch.split(out, [p.numel() // like.shape[-1] for p in pieces]),
+                           pieces, strict=True):
+        slab.view(piece.shape).copy_(piece)
+    return out
+
+
 class _Diffusion(torch.autograd.Function):
-    """``sum_k theta_k A^k v`` (Horner, dropout on every ``A z``) whose backward runs the adjoint
-    series: the gradient flows back through ``A^T`` hop by hop, and each hop adds its part of the
-    gradient of ``A`` (its gradient against its input) to the others' inside the matmuls, so
-    nothing is stacked or concatenated and no hop's gradient outlives its hop."""
+    """``sum_k theta_k A^k v`` (Horner, dropout on every ``A z``), slice by slice, whose backward
+    runs the adjoint series: the gradient flows back through ``A^T`` hop by hop, and each hop
+    adds its part of the gradient of ``A`` (its gradient against its input) to the others'
+    inside the matmuls, so nothing is stacked or concatenated and no hop's gradient outlives its
+    hop. A slice's hops run to the end before the next slice's start: only its tensors are
+    being read and written (see :data:`CHUNK_ROWS`)."""
 
     @staticmethod
     def forward(ctx: Any, plan: BlockPlan, diffusion: Diffusion, dropout: tuple[float, bool],
                 v: torch.Tensor, *attention: torch.Tensor) -> torch.Tensor:
         hop_dropout, after_mix = dropout
         # the hops' inputs serve only the gradient of A: not kept in inference or for v alone
-        inputs: list[torch.Tensor] | None = [] if any(ctx.needs_input_grad[4:]) else None
-        kept: list[torch.Tensor] = []
+        keep_inputs = any(ctx.needs_input_grad[4:])
+        saved: list[torch.Tensor] = []
+        outputs = []
+        for piece, parts, v_slab in plan.per_slice(attention, v):
+            def drop(z: torch.Tensor) -> torch.Tensor:
+                keep = torch.empty_like(z).bernoulli_(1 - hop_dropout).bool()
+                saved.append(keep)
+                return z * keep / (1 - hop_dropout)
 
-        def drop(z: torch.Tensor) -> torch.Tensor:
-            keep = torch.empty_like(z).bernoulli_(1 - hop_dropout).bool()
-            kept.append(keep)
-            return z * keep / (1 - hop_dropout)
+            def hop(z: torch.Tensor, piece: _Slice = piece,
+                    parts: tuple[torch.Tensor, ...] = parts) -> torch.Tensor:
+                if keep_inputs:
+                    saved.append(z)
+                out = plan.propagate_slice(piece, parts, z)
+                return drop(out) if hop_dropout and not after_mix else out
 
-        def hop(z: torch.Tensor) -> torch.Tensor:
-            if inputs is not None:
-                inputs.append(z)
-            out = plan.propagate(attention, z)
-            return drop(out) if hop_dropout and not after_mix else out
-
-        # every hop's output is new and kept by nothing yet: theta_k v is added into it
-        out = diffusion.apply(hop, v, drop if hop_dropout and after_mix else None, in_place=True)
+            # every hop's output is new and kept by nothing yet: theta_k v is added into it
+            outputs.append(diffusion.apply(hop, v_slab, drop if hop_dropout and after_mix
+                                           else None, in_place=True))
         ctx.plan, ctx.diffusion, ctx.hop_dropout = plan, diffusion, hop_dropout
-        ctx.after_mix = after_mix
-        ctx.parts, ctx.inputs = len(attention), inputs is not None
-        ctx.save_for_backward(*attention, *(inputs or ()), *kept)
-        return out
+        ctx.after_mix, ctx.parts, ctx.inputs = after_mix, len(attention), keep_inputs
+        # per slice, in hop order: each hop's input (when kept), then its dropout mask
+        ctx.save_for_backward(*attention, *saved)
+        return _joined(outputs, v)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        theta, hops = ctx.diffusion.coefficients, ctx.diffusion.hops
+        hops = ctx.diffusion.hops
         # a loss such as out.sum() hands back an expanded (stride 0) gradient, which the batched
         # matmuls read 4-5x slower than a copy of it (40 ms against 9 at 16k tokens, 4 heads)
         grad = grad.contiguous()
         saved = ctx.saved_tensors
         attention = tuple(saved[:ctx.parts])
-        inputs = saved[ctx.parts:ctx.parts + hops] if ctx.inputs else None
-        kept = saved[ctx.parts + hops * ctx.inputs:]
-        attention_grads = None
-        grad_v: torch.Tensor | None = None  # made by its first term, not zeros plus it
+        per_hop = int(ctx.inputs) + bool(ctx.hop_dropout)  # tensors saved per hop and slice
+        grads_v, attention_grads = [], []
+        for index, (piece, parts, g_slab) in enumerate(ctx.plan.per_slice(attention, grad)):
+            first = ctx.parts + index * hops * per_hop
+            kept = saved[first:first + hops * per_hop]
+            grad_v, grads = _adjoint_series(ctx, piece, parts, g_slab,
+                                            kept[0::per_hop] if ctx.inputs else None,
+                                            kept[per_hop - 1::per_hop] if ctx.hop_dropout else ())
+            grads_v.append(grad_v)
+            attention_grads += grads if grads is not None else [None] * PARTS
+        return (None, None, None, _joined(grads_v, grad), *attention_grads)
 
-        def add_to_grad_v(term: torch.Tensor, weight: float) -> torch.Tensor:
-            return term * weight if grad_v is None else grad_v.add_(term, alpha=weight)
 
-        transposed = ctx.plan.transposed(attention)
-        for index in reversed(range(hops)):  # hop `index` added theta[hops - 1 - index] * v
-            if kept and ctx.after_mix:
-                grad = grad * kept[index] / (1 - ctx.hop_dropout)
-            if theta[hops - 1 - index]:
-                grad_v = add_to_grad_v(grad, theta[hops - 1 - index])
-            scale = theta[-1] if index == 0 else 1.0  # the first hop propagated v, then scaled
-            if kept and not ctx.after_mix:
-                grad = grad * kept[index] * (scale / (1 - ctx.hop_dropout))
-            elif scale != 1:
-                grad = grad * scale
-            if inputs is not None:
-                attention_grads = ctx.plan.attention_grads(attention, grad, inputs[index],
-                                                           attention_grads)
-            grad = ctx.plan.propagate_transposed(transposed, grad)
-        grad_v = grad if grad_v is None else grad_v.add_(grad)  # grad is this function's own
-        return (None, None, None, grad_v, *(attention_grads or (None,) * ctx.parts))
+def _adjoint_series(ctx: Any, piece: _Slice, parts: tuple[torch.Tensor, ...],
+                    grad: torch.Tensor, inputs: Sequence[torch.Tensor] | None,
+                    kept: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Any]:
+    """One slice's gradients of ``v`` and of its attention parts (None without ``inputs``)
+    from ``grad``, the gradient of its output, by the adjoint series of :class:`_Diffusion`."""
+    theta, hops = ctx.diffusion.coefficients, ctx.diffusion.hops
+    attention_grads = None
+    grad_v: torch.Tensor | None = None  # made by its first term, not zeros plus it
+
+    def add_to_grad_v(term: torch.Tensor, weight: float) -> torch.Tensor:
+        return term * weight if grad_v is None else grad_v.add_(term, alpha=weight)
+
+    layout, gather = piece.layout, piece.gather
+    transposed = _transposed_parts(layout, parts, gather)
+    for index in reversed(range(hops)):  # hop `index` added theta[hops - 1 - index] * v
+        if kept and ctx.after_mix:
+            grad = grad * kept[index] / (1 - ctx.hop_dropout)
+        if theta[hops - 1 - index]:
+            grad_v = add_to_grad_v(grad, theta[hops - 1 - index])
+        scale = theta[-1] if index == 0 else 1.0  # the first hop propagated v, then scaled
+        if kept and not ctx.after_mix:
+            grad = grad * kept[index] * (scale / (1 - ctx.hop_dropout))
+        elif scale != 1:
+            grad = grad * scale
+        if inputs is not None:
+            attention_grads = _attention_grads(layout, grad, inputs[index], gather,
+                                               attention_grads)
+        grad = _propagate_transposed(layout, transposed, grad, gather)
+    grad_v = grad if grad_v is None else grad_v.add_(grad)  # grad is this function's own
+    return grad_v, attention_grads
