@@ -618,7 +618,8 @@ class _Diffusion(torch.autograd.Function):
         saved = ctx.saved_tensors
         attention = tuple(saved[:ctx.parts])
         per_hop = int(ctx.inputs) + bool(ctx.hop_dropout)  # tensors saved per hop and slice
-        grads_v, attention_grads = [], []
+        grads_v: list[torch.Tensor] = []
+        attention_grads: list[torch.Tensor | None] = []
         for index, (piece, parts, g_slab) in enumerate(ctx.plan.per_slice(attention, grad)):
             first = ctx.parts + index * hops * per_hop
             kept = saved[first:first + hops * per_hop]
