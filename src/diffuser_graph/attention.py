@@ -63,15 +63,16 @@ def _attend(plan: Plan, q: torch.Tensor, k: torch.Tensor, attn_dropout: float,
     return tuple(F.dropout(part, attn_dropout, training) for part in plan.attention(q, k))
 
 
-def _series(plan: Plan, attention: tuple[torch.Tensor, ...], z: torch.Tensor, heads: int,
+def _series(plan: Plan, attention: tuple[torch.Tensor, ...], v: torch.Tensor,
             hop_weights: torch.Tensor | None, diffusion: Diffusion, hop_dropout: float,
             after_mix: bool) -> torch.Tensor:
-    """The diffusion series of ``A`` (the plan's :meth:`attention`) on the values of ``heads``
-    heads in the plan's layout, ``z = plan.enter(v)``; returns ``(N, heads, Dv)``."""
+    """The diffusion series of ``A`` (the plan's :meth:`attention`) on ``v: (N, H, Dv)``;
+    returns ``(N, H, Dv)``."""
     if hop_weights is None:
-        return plan.leave(plan.diffuse(attention, z, diffusion, hop_dropout, after_mix), heads)
+        return plan.diffuse(attention, v, diffusion, hop_dropout, after_mix)
     # per-head weights: keep every power A^j v and mix them head by head
-    power = z
+    heads = v.shape[1]
+    power = z = plan.enter(v)
     out = hop_weights[:, 0, None] * plan.leave(z, heads)
     for j in range(1, diffusion.hops + 1):
         power = F.dropout(plan.propagate(attention, power), hop_dropout, hop_dropout > 0)
@@ -84,14 +85,14 @@ def _by_heads(plan: Plan, attend: Callable[..., tuple[torch.Tensor, ...]],
               k: torch.Tensor, v: torch.Tensor, hop_weights: torch.Tensor | None,
               recompute_heads: int, recompute_hops: bool
               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``series(attend(q, k), plan.enter(v), heads, hop_weights)`` (and the plan's edge
+    """``series(attend(q, k), v, hop_weights)`` (and the plan's edge
     attention with ``return_attention``) on all heads at once, or with ``recompute_heads``,
     that many heads at a time, each chunk's attention (and with ``recompute_hops`` its series)
     recomputed in backward (:func:`.recompute.recomputed_attention`)."""
     def whole(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               hop_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         attention = attend(q, k)
-        return (series(attention, plan.enter(v), v.shape[1], hop_weights),
+        return (series(attention, v, hop_weights),
                 plan.edge_attention(attention) if return_attention else None)
 
     if not recompute_heads:
@@ -191,9 +192,9 @@ def diffusion_attention(
     def attend(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return _attend(plan, q, k, attn_dropout, training)
 
-    def series(attention: tuple[torch.Tensor, ...], z: torch.Tensor, heads: int,
+    def series(attention: tuple[torch.Tensor, ...], v: torch.Tensor,
                hop_weights: torch.Tensor | None) -> torch.Tensor:
-        return _series(plan, attention, z, heads, hop_weights, diffusion,
+        return _series(plan, attention, v, hop_weights, diffusion,
                        hop_dropout if training else 0.0, after_mix)
 
     if q.dtype in LOW_PRECISION:  # softmax and K hops of sums need float32's range and accuracy

@@ -73,13 +73,13 @@ class _AttentionSlots:
 
 
 class _TappedSeries:
-    """``series(A, z, heads, hop_weights)`` on a graph of its own, ``A`` and ``z`` entering through
+    """``series(A, z, hop_weights)`` on a graph of its own, ``A`` and ``z`` entering through
     taps, so that :meth:`grads` hands back their gradients (and ``hop_weights``'s) while the
     graph holds neither; with ``slots`` it keeps no tensor of ``A``'s storage either, and the
     output's memory is freed once read (:meth:`release_output`)."""
 
     def __init__(self, series: Callable[..., torch.Tensor], attention: tuple[torch.Tensor, ...],
-                 z: torch.Tensor, heads: int, hop_weights: torch.Tensor | None,
+                 z: torch.Tensor, hop_weights: torch.Tensor | None,
                  slots: _AttentionSlots | None = None) -> None:
         self.anchor = z.new_zeros((), requires_grad=True)
         self.taps: list[list[torch.Tensor]] = [[] for _ in range(len(attention) + 1)]
@@ -93,7 +93,7 @@ class _TappedSeries:
         with torch.enable_grad(), hooks:
             *tapped, z = (_GradientTap.apply(self.anchor, x.detach(), tap)
                           for x, tap in zip((*attention, z), self.taps, strict=True))
-            self.out = series(tuple(tapped), z, heads, self.hop_weights)
+            self.out = series(tuple(tapped), z, self.hop_weights)
 
     def release_output(self) -> None:
         """Free the output's memory (its values were read), unless the graph saved it: only its
@@ -131,9 +131,8 @@ def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]
 
 
 class _RecomputedAttention(torch.autograd.Function):
-    """See :func:`recomputed_attention`. Saves ``q``, ``k`` and, for building a chunk's series
-    again, each chunk's ``plan.enter(v)`` when the hops are kept (their graphs hold it anyway)
-    or ``v`` when not."""
+    """See :func:`recomputed_attention`. Saves ``q``, ``k`` and ``v`` (a chunk's series is
+    built again on its heads of ``v``)."""
 
     @staticmethod
     def forward(ctx: Any, plan: Plan, attend: Callable[..., tuple[torch.Tensor, ...]],
@@ -141,32 +140,30 @@ class _RecomputedAttention(torch.autograd.Function):
                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 hop_weights: torch.Tensor | None) -> torch.Tensor:
         out = v.new_empty(v.shape)
-        ctx.chunks, entered = [], []
+        ctx.chunks = []
         for first in range(0, v.shape[1], heads):
             chunk = _Chunk(slice(first, min(first + heads, v.shape[1])), _rng_state(q.device),
                            None)
             attention = attend(q[:, chunk.heads], k[:, chunk.heads])
-            z = plan.enter(v[:, chunk.heads])
-            width, weights = chunk.heads.stop - first, _rows(hop_weights, chunk.heads)
+            z, weights = v[:, chunk.heads], _rows(hop_weights, chunk.heads)
             if keep_hops:
-                chunk.graph = _TappedSeries(series, attention, z, width, weights,
+                chunk.graph = _TappedSeries(series, attention, z, weights,
                                             _AttentionSlots(attention))
                 out[:, chunk.heads] = chunk.graph.out
                 chunk.graph.release_output()
-                entered.append(z)
             else:
-                out[:, chunk.heads] = series(attention, z, width, weights)
+                out[:, chunk.heads] = series(attention, z, weights)
             ctx.chunks.append(chunk)
         ctx.plan, ctx.attend, ctx.series, ctx.keep_hops = plan, attend, series, keep_hops
-        ctx.save_for_backward(q, k, hop_weights, *(entered if keep_hops else (v,)))
+        ctx.save_for_backward(q, k, hop_weights, v)
         return out
 
     @staticmethod
     @once_differentiable  # its gradients are computed without a graph of their own
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        q, k, hop_weights, *values = ctx.saved_tensors
+        q, k, hop_weights, v = ctx.saved_tensors
         grads: list[list[torch.Tensor | None]] = [[], [], [], []]  # q, k, v, hop_weights
-        for index, chunk in enumerate(ctx.chunks):
+        for chunk in ctx.chunks:
             graph, chunk.graph = chunk.graph, None
             cpu_state, device_state = chunk.rng
             with torch.enable_grad(), torch.random.fork_rng(
@@ -178,9 +175,7 @@ class _RecomputedAttention(torch.autograd.Function):
                           for x in (q, k))
                 attention = ctx.attend(q_, k_)
                 if graph is None:  # hops not kept, or a second backward: the same dropout
-                    z = (values[index] if ctx.keep_hops
-                         else ctx.plan.enter(values[0][:, chunk.heads]))
-                    graph = _TappedSeries(ctx.series, attention, z, q_.shape[1],
+                    graph = _TappedSeries(ctx.series, attention, v[:, chunk.heads],
                                           _rows(hop_weights, chunk.heads))
             attention_grads, grad_z, grad_weights = graph.grads(grad[:, chunk.heads], attention)
             reached = [(part, g) for part, g in zip(attention, attention_grads, strict=True)
@@ -191,8 +186,7 @@ class _RecomputedAttention(torch.autograd.Function):
                          if reached and sources else [None] * len(sources))
             for into, value in zip(grads, (
                     *(next(found) if x.requires_grad else None for x in (q_, k_)),
-                    ctx.plan.leave(grad_z, q_.shape[1])
-                    if grad_z is not None and ctx.needs_input_grad[7] else None,
+                    grad_z if ctx.needs_input_grad[7] else None,
                     grad_weights), strict=True):
                 into.append(value)
             # this chunk's attention, graph and gradients are not kept while the next one runs

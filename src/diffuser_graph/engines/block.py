@@ -23,7 +23,7 @@ random keys hold exactly the graph's edges, each once.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Any
@@ -415,9 +415,11 @@ class _Group:
 
 @dataclass(frozen=True)
 class _Slice:
-    """One batched computation: ``size`` consecutive (sequence, head) pairs of one group."""
+    """One batched computation: ``size`` consecutive (sequence, head) pairs of one group, from
+    its pair ``first`` (pair ``c * H + h`` is head ``h`` of the group's sequence ``c``)."""
 
     group: _Group
+    first: int
     size: int
 
     @property
@@ -427,6 +429,45 @@ class _Slice:
     @property
     def gather(self) -> GatherIndex:
         return self.group.gather(self.size)
+
+    def runs(self, heads: int) -> list[tuple[int, int, int, int]]:
+        """The slice's pairs as rectangles ``(c0, c1, h0, h1)``: heads ``h0..h1`` of sequences
+        ``c0..c1``, in the slice's order (a partial sequence is a rectangle of its own)."""
+        runs, pair, end = [], self.first, self.first + self.size
+        while pair < end:
+            c, h = divmod(pair, heads)
+            if h or end - pair < heads:  # part of one sequence's heads
+                last = min(heads, h + end - pair)
+                runs.append((c, c + 1, h, last))
+                pair += last - h
+            else:
+                whole = (end - pair) // heads
+                runs.append((c, c + whole, 0, heads))
+                pair += whole * heads
+        return runs
+
+    def enter(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The slice's ``(size, padded, D)`` rows of its group's ``tokens: (count, n, H, D)``
+        (padded with zeros)."""
+        n, padded = self.layout.n, self.layout.padded
+        slab = tokens.new_empty(self.size, padded, tokens.shape[-1])
+        row = 0
+        for c0, c1, h0, h1 in self.runs(tokens.shape[2]):
+            rows = slab[row:row + (c1 - c0) * (h1 - h0), :n]
+            rows.view(c1 - c0, h1 - h0, n, -1).copy_(tokens[c0:c1, :, h0:h1].transpose(1, 2))
+            row += (c1 - c0) * (h1 - h0)
+        if padded > n:
+            slab[:, n:].zero_()
+        return slab
+
+    def leave(self, slab: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Write the real rows of the slice's ``slab: (size, padded, D)`` into its group's
+        ``tokens: (count, n, H, D)`` (:meth:`enter`'s adjoint, less the padding)."""
+        n, row = self.layout.n, 0
+        for c0, c1, h0, h1 in self.runs(tokens.shape[2]):
+            rows = slab[row:row + (c1 - c0) * (h1 - h0), :n]
+            tokens[c0:c1, :, h0:h1].copy_(rows.view(c1 - c0, h1 - h0, n, -1).transpose(1, 2))
+            row += (c1 - c0) * (h1 - h0)
 
 
 class BlockPlan:
@@ -468,7 +509,7 @@ class BlockPlan:
                 pairs = group.count * heads
                 per = pairs if self.chunk_rows is None else max(
                     1, self.chunk_rows // group.layout.padded)
-                slices += [_Slice(group, min(per, pairs - first))
+                slices += [_Slice(group, first, min(per, pairs - first))
                            for first in range(0, pairs, per)]
             self._slices[heads] = slices
         return self._slices[heads]
@@ -492,6 +533,40 @@ class BlockPlan:
         slabs = [self._slabs(x, self.heads(tensors[0])) for x in tensors]
         return [(piece, attention[PARTS * i:PARTS * (i + 1)], *(slab[i] for slab in slabs))
                 for i, piece in enumerate(self.slices(self.heads(tensors[0])))]
+
+    def map_slices(self, attention: tuple[torch.Tensor, ...], x: torch.Tensor,
+                   fn: Callable[[_Slice, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]
+                   ) -> torch.Tensor:
+        """``fn(slice, its attention parts, its slab of x)`` for every slice of packed
+        ``x: (N, H, D)`` (any strides), each ``(size, padded, D)`` result written back into one
+        packed ``(N, H, D)`` output. The slices enter and leave one at a time: no tensor of the
+        whole plan layout is made."""
+        heads = x.shape[1]
+        slices = self.slices(heads)
+        out = x.new_empty(x.shape)
+        index = 0
+        for group in self.groups:
+            tokens = self.tokens(group, x)
+            written = (self.tokens(group, out) if group.first is not None
+                       else out.new_empty(tokens.shape))
+            while index < len(slices) and slices[index].group is group:
+                piece = slices[index]
+                piece.leave(fn(piece, attention[PARTS * index:PARTS * (index + 1)],
+                               piece.enter(tokens)), written)
+                index += 1
+            if group.first is None:
+                out.index_copy_(0, group.rows, written.flatten(0, 1))
+        return out
+
+    @staticmethod
+    def tokens(group: _Group, x: torch.Tensor) -> torch.Tensor:
+        """The group's tokens of packed ``x: (N, H, D)`` as ``(count, n, H, D)``: a view where
+        its rows are consecutive, else a copy."""
+        if group.first is None:
+            rows = x.index_select(0, group.rows)
+        else:
+            rows = x.narrow(0, group.first, group.rows.numel())
+        return rows.unflatten(0, (group.count, group.layout.n))
 
     def enter(self, x: torch.Tensor) -> torch.Tensor:
         """Packed ``x: (N, H, D)`` -> the plan layout ``(rows, D)``."""
@@ -551,7 +626,8 @@ class BlockPlan:
 
     def diffuse(self, attention: tuple[torch.Tensor, ...], v: torch.Tensor, diffusion: Diffusion,
                 hop_dropout: float, after_mix: bool = False) -> torch.Tensor:
-        """The K-hop series with its gradient by the adjoint series (:class:`_Diffusion`)."""
+        """The K-hop series of packed ``v: (N, H, Dv)``, packed, with its gradient by the
+        adjoint series (:class:`_Diffusion`)."""
         return _Diffusion.apply(self, diffusion, (hop_dropout, after_mix), v, *attention)
 
     def edge_attention(self, attention: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -559,25 +635,15 @@ class BlockPlan:
                          "dgl or gather engine for edge attention")
 
 
-def _joined(pieces: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """The slices' ``(size, padded, D)`` results as one ``(rows, D)`` tensor shaped as ``like``;
-    each piece can be freed once copied (a ``cat`` would hold them all until it ran)."""
-    if len(pieces) == 1:
-        return pieces[0].view(like.shape)
-    out = like.new_empty(like.shape)
-    for slab, piece in zip(torch.split(out, [p.numel() // like.shape[-1] for p in pieces]),
-                           pieces, strict=True):
-        slab.view(piece.shape).copy_(piece)
-    return out
-
-
 class _Diffusion(torch.autograd.Function):
-    """``sum_k theta_k A^k v`` (Horner, dropout on every ``A z``), slice by slice, whose backward
-    runs the adjoint series: the gradient flows back through ``A^T`` hop by hop, and each hop
-    adds its part of the gradient of ``A`` (its gradient against its input) to the others'
-    inside the matmuls, so nothing is stacked or concatenated and no hop's gradient outlives its
-    hop. A slice's hops run to the end before the next slice's start: only its tensors are
-    being read and written (see :data:`CHUNK_ROWS`)."""
+    """``sum_k theta_k A^k v`` (Horner, dropout on every ``A z``) from packed ``v: (N, H, Dv)``
+    to packed, slice by slice, whose backward runs the adjoint series: the gradient flows back
+    through ``A^T`` hop by hop, and each hop adds its part of the gradient of ``A`` (its
+    gradient against its input) to the others' inside the matmuls, so nothing is stacked or
+    concatenated and no hop's gradient outlives its hop. A slice enters the plan layout, runs
+    its hops to the end and leaves it before the next slice enters: only its tensors are being
+    read and written (see :data:`CHUNK_ROWS`). The first hop's input, a slice's rows of ``v``,
+    is not kept: backward takes it from ``v`` again."""
 
     @staticmethod
     def forward(ctx: Any, plan: BlockPlan, diffusion: Diffusion, dropout: tuple[float, bool],
@@ -585,50 +651,61 @@ class _Diffusion(torch.autograd.Function):
         hop_dropout, after_mix = dropout
         # the hops' inputs serve only the gradient of A: not kept in inference or for v alone
         keep_inputs = any(ctx.needs_input_grad[4:])
-        saved: list[torch.Tensor] = []
-        outputs = []
-        for piece, parts, v_slab in plan.per_slice(attention, v):
-            def drop(z: torch.Tensor) -> torch.Tensor:
-                keep = torch.empty_like(z).bernoulli_(1 - hop_dropout).bool()
-                saved.append(keep)
-                return z * keep / (1 - hop_dropout)
+        inputs: list[torch.Tensor] = []  # slice after slice: the inputs of hops 2..K
+        masks: list[torch.Tensor] = []  # slice after slice: the K hops' dropout masks
 
-            def hop(z: torch.Tensor, piece: _Slice = piece,
-                    parts: tuple[torch.Tensor, ...] = parts) -> torch.Tensor:
-                if keep_inputs:
-                    saved.append(z)
+        def drop(z: torch.Tensor) -> torch.Tensor:
+            keep = torch.empty_like(z).bernoulli_(1 - hop_dropout).bool()
+            masks.append(keep)
+            return z * keep / (1 - hop_dropout)
+
+        def series(piece: _Slice, parts: tuple[torch.Tensor, ...],
+                   v_slab: torch.Tensor) -> torch.Tensor:
+            def hop(z: torch.Tensor) -> torch.Tensor:
+                if keep_inputs and z is not v_slab:
+                    inputs.append(z)
                 out = plan.propagate_slice(piece, parts, z)
                 return drop(out) if hop_dropout and not after_mix else out
 
             # every hop's output is new and kept by nothing yet: theta_k v is added into it
-            outputs.append(diffusion.apply(hop, v_slab, drop if hop_dropout and after_mix
-                                           else None, in_place=True))
+            return diffusion.apply(hop, v_slab, drop if hop_dropout and after_mix else None,
+                                   in_place=True)
+
+        out = plan.map_slices(attention, v, series)
         ctx.plan, ctx.diffusion, ctx.hop_dropout = plan, diffusion, hop_dropout
         ctx.after_mix, ctx.parts, ctx.inputs = after_mix, len(attention), keep_inputs
-        # per slice, in hop order: each hop's input (when kept), then its dropout mask
-        ctx.save_for_backward(*attention, *saved)
-        return _joined(outputs, v)
+        ctx.kept = len(inputs)
+        ctx.save_for_backward(*attention, *((v,) if keep_inputs else ()), *inputs, *masks)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         hops = ctx.diffusion.hops
-        # a loss such as out.sum() hands back an expanded (stride 0) gradient, which the batched
-        # matmuls read 4-5x slower than a copy of it (40 ms against 9 at 16k tokens, 4 heads)
-        grad = grad.contiguous()
-        saved = ctx.saved_tensors
-        attention = tuple(saved[:ctx.parts])
-        per_hop = int(ctx.inputs) + bool(ctx.hop_dropout)  # tensors saved per hop and slice
-        grads_v: list[torch.Tensor] = []
+        attention, rest = ctx.saved_tensors[:ctx.parts], ctx.saved_tensors[ctx.parts:]
+        v = rest[0] if ctx.inputs else None
+        inputs, masks = rest[ctx.inputs:ctx.inputs + ctx.kept], rest[ctx.inputs + ctx.kept:]
+        later = hops - 1 if ctx.inputs else 0  # hop inputs kept per slice
+        v_tokens: list[Any] = [None, None]  # a group and its tokens of v, one group at a time
         attention_grads: list[torch.Tensor | None] = []
-        for index, (piece, parts, g_slab) in enumerate(ctx.plan.per_slice(attention, grad)):
-            first = ctx.parts + index * hops * per_hop
-            kept = saved[first:first + hops * per_hop]
-            grad_v, grads = _adjoint_series(ctx, piece, parts, g_slab,
-                                            kept[0::per_hop] if ctx.inputs else None,
-                                            kept[per_hop - 1::per_hop] if ctx.hop_dropout else ())
-            grads_v.append(grad_v)
-            attention_grads += grads if grads is not None else [None] * PARTS
-        return (None, None, None, _joined(grads_v, grad), *attention_grads)
+
+        def adjoint(piece: _Slice, parts: tuple[torch.Tensor, ...],
+                    g_slab: torch.Tensor) -> torch.Tensor:
+            index = len(attention_grads) // PARTS
+            hop_inputs = None
+            if v is not None:
+                if v_tokens[0] is not piece.group:
+                    v_tokens[:] = piece.group, ctx.plan.tokens(piece.group, v)
+                hop_inputs = [piece.enter(v_tokens[1]),
+                              *inputs[index * later:(index + 1) * later]]
+            grad_v, grads = _adjoint_series(ctx, piece, parts, g_slab, hop_inputs,
+                                            masks[index * hops:(index + 1) * hops])
+            attention_grads.extend(grads if grads is not None else [None] * PARTS)
+            return grad_v
+
+        # the slices copy their rows of the gradient (of any strides: a loss such as out.sum()
+        # hands back an expanded one, which the batched matmuls would read 4-5x slower)
+        grad_v = ctx.plan.map_slices(attention, grad, adjoint)
+        return (None, None, None, grad_v, *attention_grads)
 
 
 def _adjoint_series(ctx: Any, piece: _Slice, parts: tuple[torch.Tensor, ...],
