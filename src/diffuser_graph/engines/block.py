@@ -541,21 +541,32 @@ class BlockPlan:
         ``x: (N, H, D)`` (any strides), each ``(size, padded, D)`` result written back into one
         packed ``(N, H, D)`` output. The slices enter and leave one at a time: no tensor of the
         whole plan layout is made."""
-        heads = x.shape[1]
-        slices = self.slices(heads)
-        out = x.new_empty(x.shape)
+        slices = self.slices(x.shape[1])
+        out: torch.Tensor | None = None  # made once a result is: not alive while fn runs
         index = 0
         for group in self.groups:
             tokens = self.tokens(group, x)
-            written = (self.tokens(group, out) if group.first is not None
-                       else out.new_empty(tokens.shape))
+            written: list[torch.Tensor] = []  # the group's tokens of out
+
+            def place(result: torch.Tensor, piece: _Slice, group: _Group = group,
+                      written: list[torch.Tensor] = written) -> None:
+                nonlocal out
+                if out is None:
+                    out = x.new_empty((*x.shape[:-1], result.shape[-1]))
+                if not written:
+                    written.append(self.tokens(group, out) if group.first is not None else
+                                   out.new_empty((group.count, group.layout.n, *out.shape[1:])))
+                piece.leave(result, written[0])
+
             while index < len(slices) and slices[index].group is group:
                 piece = slices[index]
-                piece.leave(fn(piece, attention[PARTS * index:PARTS * (index + 1)],
-                               piece.enter(tokens)), written)
+                place(fn(piece, attention[PARTS * index:PARTS * (index + 1)],
+                         piece.enter(tokens)), piece)
                 index += 1
             if group.first is None:
-                out.index_copy_(0, group.rows, written.flatten(0, 1))
+                assert out is not None
+                out.index_copy_(0, group.rows, written[0].flatten(0, 1))
+        assert out is not None
         return out
 
     @staticmethod
@@ -691,13 +702,16 @@ class _Diffusion(torch.autograd.Function):
         def adjoint(piece: _Slice, parts: tuple[torch.Tensor, ...],
                     g_slab: torch.Tensor) -> torch.Tensor:
             index = len(attention_grads) // PARTS
-            hop_inputs = None
-            if v is not None:
-                if v_tokens[0] is not piece.group:
+
+            def hop_input(hop: int) -> torch.Tensor:
+                if hop:
+                    return inputs[index * later + hop - 1]
+                if v_tokens[0] is not piece.group:  # hop 0's input: entered when needed, last
                     v_tokens[:] = piece.group, ctx.plan.tokens(piece.group, v)
-                hop_inputs = [piece.enter(v_tokens[1]),
-                              *inputs[index * later:(index + 1) * later]]
-            grad_v, grads = _adjoint_series(ctx, piece, parts, g_slab, hop_inputs,
+                return piece.enter(v_tokens[1])
+
+            grad_v, grads = _adjoint_series(ctx, piece, parts, g_slab,
+                                            hop_input if v is not None else None,
                                             masks[index * hops:(index + 1) * hops])
             attention_grads.extend(grads if grads is not None else [None] * PARTS)
             return grad_v
@@ -709,10 +723,11 @@ class _Diffusion(torch.autograd.Function):
 
 
 def _adjoint_series(ctx: Any, piece: _Slice, parts: tuple[torch.Tensor, ...],
-                    grad: torch.Tensor, inputs: Sequence[torch.Tensor] | None,
+                    grad: torch.Tensor, hop_input: Callable[[int], torch.Tensor] | None,
                     kept: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Any]:
-    """One slice's gradients of ``v`` and of its attention parts (None without ``inputs``)
-    from ``grad``, the gradient of its output, by the adjoint series of :class:`_Diffusion`."""
+    """One slice's gradients of ``v`` and of its attention parts (None without ``hop_input``,
+    which gives a hop's input) from ``grad``, the gradient of its output, by the adjoint series
+    of :class:`_Diffusion`."""
     theta, hops = ctx.diffusion.coefficients, ctx.diffusion.hops
     attention_grads = None
     grad_v: torch.Tensor | None = None  # made by its first term, not zeros plus it
@@ -732,8 +747,8 @@ def _adjoint_series(ctx: Any, piece: _Slice, parts: tuple[torch.Tensor, ...],
             grad = grad * kept[index] * (scale / (1 - ctx.hop_dropout))
         elif scale != 1:
             grad = grad * scale
-        if inputs is not None:
-            attention_grads = _attention_grads(layout, grad, inputs[index], gather,
+        if hop_input is not None:
+            attention_grads = _attention_grads(layout, grad, hop_input(index), gather,
                                                attention_grads)
         grad = _propagate_transposed(layout, transposed, grad, gather)
     grad_v = grad if grad_v is None else grad_v.add_(grad)  # grad is this function's own
