@@ -22,8 +22,9 @@ random keys hold exactly the graph's edges, each once.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Any
@@ -534,40 +535,51 @@ class BlockPlan:
         return [(piece, attention[PARTS * i:PARTS * (i + 1)], *(slab[i] for slab in slabs))
                 for i, piece in enumerate(self.slices(self.heads(tensors[0])))]
 
+    def entered(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Each slice's ``(size, padded, D)`` rows of packed ``x: (N, H, D)`` (any strides),
+        made one at a time as they are asked for."""
+        for _, pieces in itertools.groupby(self.slices(x.shape[1]), lambda piece: id(piece.group)):
+            tokens = None
+            for piece in pieces:
+                if tokens is None:
+                    tokens = self.tokens(piece.group, x)
+                yield piece.enter(tokens)
+
+    def packed(self, slabs: Iterable[torch.Tensor], heads: int) -> torch.Tensor:
+        """Packed ``(N, H, D)`` from the slices' ``(size, padded, D)`` slabs (:meth:`entered`'s
+        adjoint, less the padding), each taken and let go before the next is asked for; the
+        output is made once the first slab is."""
+        slabs = iter(slabs)
+        out: torch.Tensor | None = None
+        for _, pieces in itertools.groupby(self.slices(heads), lambda piece: id(piece.group)):
+            written = None  # the group's tokens of out
+            for piece in pieces:
+                slab = next(slabs)
+                if out is None:
+                    out = slab.new_empty(self.num_tokens, heads, slab.shape[-1])
+                group = piece.group
+                if written is None:
+                    written = (self.tokens(group, out) if group.first is not None else
+                               out.new_empty(group.count, group.layout.n, *out.shape[1:]))
+                piece.leave(slab, written)
+                del slab
+            if piece.group.first is None:
+                assert out is not None and written is not None
+                out.index_copy_(0, piece.group.rows, written.flatten(0, 1))
+        assert out is not None
+        return out
+
     def map_slices(self, attention: tuple[torch.Tensor, ...], x: torch.Tensor,
                    fn: Callable[[_Slice, tuple[torch.Tensor, ...], torch.Tensor], torch.Tensor]
                    ) -> torch.Tensor:
         """``fn(slice, its attention parts, its slab of x)`` for every slice of packed
-        ``x: (N, H, D)`` (any strides), each ``(size, padded, D)`` result written back into one
-        packed ``(N, H, D)`` output. The slices enter and leave one at a time: no tensor of the
-        whole plan layout is made."""
+        ``x: (N, H, D)`` (any strides), the ``(size, padded, D')`` results packed as
+        ``(N, H, D')``. The slices enter and leave one at a time: no tensor of the whole plan
+        layout is made."""
         slices = self.slices(x.shape[1])
-        out: torch.Tensor | None = None  # made once a result is: not alive while fn runs
-        index = 0
-        for group in self.groups:
-            tokens = self.tokens(group, x)
-            written: list[torch.Tensor] = []  # the group's tokens of out
-
-            def place(result: torch.Tensor, piece: _Slice, group: _Group = group,
-                      written: list[torch.Tensor] = written) -> None:
-                nonlocal out
-                if out is None:
-                    out = x.new_empty((*x.shape[:-1], result.shape[-1]))
-                if not written:
-                    written.append(self.tokens(group, out) if group.first is not None else
-                                   out.new_empty((group.count, group.layout.n, *out.shape[1:])))
-                piece.leave(result, written[0])
-
-            while index < len(slices) and slices[index].group is group:
-                piece = slices[index]
-                place(fn(piece, attention[PARTS * index:PARTS * (index + 1)],
-                         piece.enter(tokens)), piece)
-                index += 1
-            if group.first is None:
-                assert out is not None
-                out.index_copy_(0, group.rows, written[0].flatten(0, 1))
-        assert out is not None
-        return out
+        return self.packed((fn(piece, attention[PARTS * i:PARTS * (i + 1)], slab)
+                            for i, (piece, slab) in enumerate(zip(slices, self.entered(x),
+                                                                  strict=True))), x.shape[1])
 
     @staticmethod
     def tokens(group: _Group, x: torch.Tensor) -> torch.Tensor:
@@ -618,10 +630,8 @@ class BlockPlan:
         return out
 
     def attention(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        heads = q.shape[1]
         return tuple(tensor for piece, q_slab, k_slab in zip(
-            self.slices(heads), self._slabs(self.enter(q), heads),
-            self._slabs(self.enter(k), heads), strict=True)
+            self.slices(q.shape[1]), _Enter.apply(self, q), _Enter.apply(self, k), strict=True)
             for tensor in _attention_parts(piece.layout, q_slab, k_slab, piece.gather))
 
     def propagate(self, attention: tuple[torch.Tensor, ...], z: torch.Tensor) -> torch.Tensor:
@@ -644,6 +654,21 @@ class BlockPlan:
     def edge_attention(self, attention: tuple[torch.Tensor, ...]) -> torch.Tensor:
         raise ValueError("the block engine holds attention in blocks, not per edge; use the "
                          "dgl or gather engine for edge attention")
+
+
+class _Enter(torch.autograd.Function):
+    """Packed ``x: (N, H, D)`` -> every slice's ``(size, padded, D)`` rows; backward packs their
+    gradients into one (the slices' own autograd copies would each make a zero-filled gradient
+    of all of ``x``)."""
+
+    @staticmethod
+    def forward(ctx: Any, plan: BlockPlan, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.plan, ctx.heads = plan, x.shape[1]
+        return tuple(plan.entered(x))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
+        return None, ctx.plan.packed(grads, ctx.heads)
 
 
 class _Diffusion(torch.autograd.Function):
