@@ -383,3 +383,32 @@ def test_sliced_diffusion_passes_gradcheck(monkeypatch, dropout, hop_dropout_at)
                                        hop_dropout_at=hop_dropout_at, training=True)
 
     torch.autograd.gradcheck(attend, (q, k, v), fast_mode=True)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch, tokens", [(1, 64), (1, 63), (2, 64), (4, 64)])
+def test_global_products_cut_over_threads_equal_the_plain_products(monkeypatch, threads, batch,
+                                                                   tokens):
+    """A global token's products with every token, cut into one part per thread when the
+    batch has fewer entries than threads, equal the plain batched matmuls (float64)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(batch, 2, tokens, generator=gen, dtype=torch.float64)
+    none = rows[:, :0]  # no global token
+    assert block_engine._over_tokens(none, torch.ones(batch, tokens, 5)).shape == (batch, 0, 5)
+    assert block_engine._per_token(none[..., :5], torch.ones(batch, 5, tokens)).shape == (
+        batch, 0, tokens)
+    z = torch.randn(batch, tokens, 5, generator=gen, dtype=torch.float64)
+    small = torch.randn(batch, 2, 5, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(block_engine._over_tokens(rows, z), rows @ z, rtol=0, atol=1e-12)
+    strided = torch.randn(batch, tokens, 10, generator=gen, dtype=torch.float64)[..., ::2]
+    torch.testing.assert_close(block_engine._over_tokens(rows, strided), rows @ strided,
+                               rtol=0, atol=1e-12)
+    torch.testing.assert_close(block_engine._per_token(small, z.transpose(1, 2)),
+                               small @ z.transpose(1, 2), rtol=0, atol=1e-12)
+    wide = torch.randn(batch, 5, tokens, generator=gen, dtype=torch.float64)  # not transposed
+    torch.testing.assert_close(block_engine._per_token(small, wide), small @ wide, rtol=0,
+                               atol=1e-12)
+    parts = block_engine._parts_per_thread(batch, tokens)
+    assert parts == (threads // batch if threads // batch > 1 and tokens % (threads // batch) == 0
+                     else 1)

@@ -249,6 +249,41 @@ def _layout_on(seq_len: int, spec: PatternSpec, device: torch.device) -> BlockLa
     return block_layout(seq_len, spec).to(device)
 
 
+def _parts_per_thread(batch: int, tokens: int) -> int:
+    """How many parts a global token's product over ``tokens`` tokens is cut into: one per
+    thread where the batch is smaller than the thread count (``bmm`` runs a batch entry on one
+    thread; a slice of one long sequence has one head), else one."""
+    parts = torch.get_num_threads() // batch
+    return parts if parts > 1 and tokens % parts == 0 else 1
+
+
+def _over_tokens(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for ``a: (B, G, n)`` and contiguous ``b: (B, n, D)``: a sum over the tokens, in
+    parts summed after (:func:`_parts_per_thread`)."""
+    batch, rows, tokens = a.shape
+    parts = _parts_per_thread(batch, tokens)
+    if parts == 1 or not b.is_contiguous():
+        return a @ b
+    a = a.unflatten(2, (parts, tokens // parts)).transpose(1, 2).reshape(
+        batch * parts, rows, tokens // parts)
+    return (a @ b.view(batch * parts, tokens // parts, b.shape[-1])).view(batch, parts, rows,
+                                                               b.shape[-1]).sum(1)
+
+
+def _per_token(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for ``a: (B, G, D)`` and ``b: (B, D, n)``, the transpose of a contiguous
+    ``(B, n, D)``: one output column per token, the tokens in parts (:func:`_parts_per_thread`)."""
+    batch, rows, dim = a.shape
+    tokens = b.shape[-1]
+    parts = _parts_per_thread(batch, tokens)
+    if parts == 1 or not b.transpose(1, 2).is_contiguous():
+        return a @ b
+    b = b.unflatten(2, (parts, tokens // parts)).transpose(1, 2).flatten(0, 1)
+    a = a.unsqueeze(1).expand(batch, parts, rows, dim).flatten(0, 1)
+    return (a @ b).view(batch, parts, rows, tokens // parts).transpose(1, 2).reshape(
+        batch, rows, tokens)
+
+
 class _Scores(torch.autograd.Function):
     """One group's scores ``q . k / sqrt(D)`` on every part, from ``q, k: (B, padded, D)``: the
     band ``(B * n_blocks, b, width)``, the global keys ``(B, padded, G)``, the random keys
@@ -267,7 +302,7 @@ class _Scores(torch.autograd.Function):
         band = band_scores(layout.geometry, q.reshape(chunks), k.reshape(chunks))
         to_globals = q @ k.index_select(1, glob).transpose(1, 2)
         random = gather.gather_dot(q.reshape(-1, dim), k.reshape(-1, dim))
-        rows = q.index_select(1, glob) @ k.transpose(1, 2)
+        rows = _per_token(q.index_select(1, glob), k.transpose(1, 2))
         ctx.layout, ctx.gather = layout, gather
         ctx.save_for_backward(q, k)
         return band, to_globals, random, rows
@@ -283,11 +318,11 @@ class _Scores(torch.autograd.Function):
         dq = gather.gather_sum(random, k.reshape(-1, dim))
         band_apply(layout.geometry, band, k.reshape(chunks), add_to=dq.view(chunks))
         dq = dq.view(batch, padded, dim).baddbmm_(to_globals, k.index_select(1, glob))
-        dq.index_add_(1, glob, rows @ k)
+        dq.index_add_(1, glob, _over_tokens(rows, k))
         dk = gather.scatter_sum(random, q.reshape(-1, dim))
         band_apply_transposed(layout.geometry, band, q.reshape(chunks), add_to=dk.view(chunks))
         dk = dk.view(batch, padded, dim).baddbmm_(rows.transpose(1, 2), q.index_select(1, glob))
-        dk.index_add_(1, glob, to_globals.transpose(1, 2) @ q)
+        dk.index_add_(1, glob, _over_tokens(to_globals.transpose(1, 2), q))
         return None, None, dq.mul_(1.0 / math.sqrt(dim)), dk
 
 
@@ -323,7 +358,7 @@ def _propagate_one(layout: BlockLayout, parts: Sequence[torch.Tensor], z: torch.
         band_apply(layout.geometry, band_attn, chunks, add_to=out.view(chunks.shape))
         out = out.view(batch, padded, dim)
     out = out.baddbmm_(global_attn, z.index_select(1, glob))
-    return out.index_copy_(1, glob, rows @ z)
+    return out.index_copy_(1, glob, _over_tokens(rows, z))
 
 
 def _transposed_parts(layout: BlockLayout, parts: Sequence[torch.Tensor],
@@ -354,8 +389,9 @@ def _propagate_transposed(layout: BlockLayout, parts: Sequence[torch.Tensor], g:
     band_apply(layout.geometry.transposed, band, chunks, add_to=out.view(chunks.shape))
     out = out.view(batch, padded, dim)
     g_globals = g.index_select(1, glob)
-    to_globals = (global_attn.transpose(1, 2) @ g).baddbmm_(  # less the global queries' rows
-        global_attn.index_select(1, glob).transpose(1, 2), g_globals, alpha=-1)
+    to_globals = _over_tokens(global_attn.transpose(1, 2), g).baddbmm_(
+        global_attn.index_select(1, glob).transpose(1, 2), g_globals, alpha=-1)  # less the
+    # global queries' rows
     out.index_add_(1, glob, to_globals)
     return out.baddbmm_(rows.transpose(1, 2), g_globals)
 
@@ -376,7 +412,8 @@ def _attention_grads(layout: BlockLayout, g: torch.Tensor, z: torch.Tensor, gath
     to_globals = g @ global_keys if to_globals is None else to_globals.baddbmm_(g, global_keys)
     z = z.transpose(1, 2)
     g_globals = g.index_select(1, glob)
-    rows = g_globals @ z if rows is None else rows.baddbmm_(g_globals, z)  # (B, G, padded)
+    product = _per_token(g_globals, z)  # (B, G, padded)
+    rows = product if rows is None else rows.add_(product)
     # the global rows replaced the global queries' parts
     for grad in (band.view(batch, padded, band.shape[-1]), to_globals):
         grad.index_fill_(1, glob, 0)
