@@ -409,6 +409,7 @@ def test_global_products_cut_over_threads_equal_the_plain_products(monkeypatch, 
     wide = torch.randn(batch, 5, tokens, generator=gen, dtype=torch.float64)  # not transposed
     torch.testing.assert_close(block_engine._per_token(small, wide), small @ wide, rtol=0,
                                atol=1e-12)
-    parts = block_engine._parts_per_thread(batch, tokens)
+    parts = block_engine._parts_per_thread(batch, tokens, torch.device("cpu"))
     assert parts == (threads // batch if threads // batch > 1 and tokens % (threads // batch) == 0
                      else 1)
+    assert block_engine._parts_per_thread(batch, tokens, torch.device("meta")) == 1

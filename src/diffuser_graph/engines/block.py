@@ -249,11 +249,11 @@ def _layout_on(seq_len: int, spec: PatternSpec, device: torch.device) -> BlockLa
     return block_layout(seq_len, spec).to(device)
 
 
-def _parts_per_thread(batch: int, tokens: int) -> int:
-    """How many parts a global token's product over ``tokens`` tokens is cut into: one per
-    thread where the batch is smaller than the thread count (``bmm`` runs a batch entry on one
-    thread; a slice of one long sequence has one head), else one."""
-    parts = torch.get_num_threads() // batch
+def _parts_per_thread(batch: int, tokens: int, device: torch.device) -> int:
+    """How many parts a global token's product over ``tokens`` tokens is cut into: on the CPU
+    one per thread where the batch is smaller than the thread count (``bmm`` runs a batch entry
+    on one thread; a slice of one long sequence has one head), else one."""
+    parts = torch.get_num_threads() // batch if device.type == "cpu" else 1
     return parts if parts > 1 and tokens % parts == 0 else 1
 
 
@@ -261,7 +261,7 @@ def _over_tokens(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for ``a: (B, G, n)`` and contiguous ``b: (B, n, D)``: a sum over the tokens, in
     parts summed after (:func:`_parts_per_thread`)."""
     batch, rows, tokens = a.shape
-    parts = _parts_per_thread(batch, tokens)
+    parts = _parts_per_thread(batch, tokens, a.device)
     if parts == 1 or not b.is_contiguous():
         return a @ b
     a = a.unflatten(2, (parts, tokens // parts)).transpose(1, 2).reshape(
@@ -275,7 +275,7 @@ def _per_token(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ``(B, n, D)``: one output column per token, the tokens in parts (:func:`_parts_per_thread`)."""
     batch, rows, dim = a.shape
     tokens = b.shape[-1]
-    parts = _parts_per_thread(batch, tokens)
+    parts = _parts_per_thread(batch, tokens, a.device)
     if parts == 1 or not b.transpose(1, 2).is_contiguous():
         return a @ b
     b = b.unflatten(2, (parts, tokens // parts)).transpose(1, 2).flatten(0, 1)
