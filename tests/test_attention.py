@@ -16,6 +16,7 @@ from diffuser_graph import (
     diffusion_operator,
     edge_attention,
 )
+from diffuser_graph.engines import block as block_engine
 
 PATTERNS = {
     "window": (48, PatternSpec(window=3)),
@@ -303,9 +304,14 @@ def _recompute_case(engine):
 
 @pytest.mark.parametrize("recompute_hops", [False, True], ids=["keep-hops", "recompute-hops"])
 @pytest.mark.parametrize("learned", [False, True], ids=["ppr", "learned"])
-@pytest.mark.parametrize("engine", ["dgl", "block", "gather"])
-def test_recomputed_heads_give_the_same_values_and_gradients(engine, learned, recompute_hops):
-    batch, q, k, v, hop_weights = _recompute_case(engine)
+@pytest.mark.parametrize("engine", ["dgl", "block", "block, a slice per head", "gather"])
+def test_recomputed_heads_give_the_same_values_and_gradients(monkeypatch, engine, learned,
+                                                             recompute_hops):
+    if engine.startswith("block,"):
+        monkeypatch.setattr(block_engine, "CHUNK_ROWS", 20)
+    batch, q, k, v, hop_weights = _recompute_case(engine.split(",")[0])
+    if engine.startswith("block,"):
+        assert len(batch.plan.slices(3)) == 6
     inputs = [q, k, v, hop_weights] if learned else [q, k, v]
     weights = torch.randn(33, 3, 4, dtype=torch.float64)
 

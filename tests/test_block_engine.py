@@ -343,25 +343,36 @@ def test_slices_cut_a_groups_sequences_and_heads_by_rows(monkeypatch):
     assert [piece.size for piece in on_meta.slices(4)] == [8]
 
 
-@pytest.mark.parametrize("lengths", [[90], [90, 90, 50]])
-def test_sliced_diffusion_gives_the_values_and_gradients_of_one_slice(monkeypatch, lengths):
-    """Slices that split heads and sequences compute what one batched call computes (and what
-    DGL computes)."""
+@pytest.mark.parametrize("learned", [False, True], ids=["ppr", "learned"])
+@pytest.mark.parametrize("lengths", [[90], [90, 90, 50], [90, 50, 90]])
+def test_sliced_diffusion_gives_the_values_and_gradients_of_one_slice(monkeypatch, lengths,
+                                                                      learned):
+    """Slices that split heads and sequences (and sequences of one length apart in the batch)
+    compute what one batched call computes, and what DGL computes; a second backward through
+    the same graph gives the same gradients."""
     spec = PATTERNS["window+global+random"][1]
     q, k, v = qkv(sum(lengths), heads=3)
+    gen = torch.Generator().manual_seed(1)
+    hop_weights = (torch.softmax(torch.randn(3, 5, generator=gen, dtype=torch.float64), -1)
+                   .requires_grad_() if learned else None)
+    inputs = [q, k, v] + ([hop_weights] if learned else [])
     results = []
     for chunk_rows in (2**16, 2 * 90):  # one slice per length; two (sequence, head) pairs
         monkeypatch.setattr(block_engine, "CHUNK_ROWS", chunk_rows)
         batch = block(lengths, spec)
-        out = diffusion_attention(batch, q, k, v, alpha=0.1, hops=4)
-        results.append((out, *torch.autograd.grad(out.square().sum(), [q, k, v])))
+        out = diffusion_attention(batch, q, k, v, alpha=0.1, hops=4, hop_weights=hop_weights)
+        loss = out.square().sum()
+        grads = torch.autograd.grad(loss, inputs, retain_graph=True)
+        for again, grad in zip(torch.autograd.grad(loss, inputs), grads, strict=True):
+            torch.testing.assert_close(again, grad, rtol=0, atol=0)
+        results.append((out, *grads))
     # 180 rows: two pairs of 90 tokens, three of 50
-    assert [piece.size for piece in batch.plan.slices(3)] == (
-        [2, 1] if len(lengths) == 1 else [2, 2, 2, 3])
+    assert [piece.size for piece in batch.plan.slices(3)] == {
+        1: [2, 1], 3: [2, 2, 2, 3]}[len(lengths)]
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
     dgl = diffusion_attention(PackedBatch.from_lengths(lengths, spec, engine="dgl"), q, k, v,
-                              alpha=0.1, hops=4)
+                              alpha=0.1, hops=4, hop_weights=hop_weights)
     torch.testing.assert_close(results[1][0], dgl, rtol=0, atol=1e-10)
 
 
@@ -372,7 +383,7 @@ def test_sliced_diffusion_passes_gradcheck(monkeypatch, dropout, hop_dropout_at)
     on every call: the random state is reset inside)."""
     monkeypatch.setattr(block_engine, "CHUNK_ROWS", 9)  # a (sequence, head) pair per slice
     spec = PatternSpec(window=1, num_global=1, num_random=2, seed=3)
-    batch = block([9, 9, 6], spec)
+    batch = block([9, 6, 9], spec)  # the 9-token sequences apart
     assert len(batch.plan.slices(2)) == 6
     q, k, v = qkv(24, heads=2, dim=2)
 
@@ -410,6 +421,8 @@ def test_global_products_cut_over_threads_equal_the_plain_products(monkeypatch, 
     torch.testing.assert_close(block_engine._per_token(small, wide), small @ wide, rtol=0,
                                atol=1e-12)
     parts = block_engine._parts_per_thread(batch, tokens, torch.device("cpu"))
-    assert parts == (threads // batch if threads // batch > 1 and tokens % (threads // batch) == 0
-                     else 1)
+    assert parts == {(2, 1, 64): 2, (3, 1, 63): 3, (3, 1, 64): 1}.get((threads, batch, tokens), 1)
     assert block_engine._parts_per_thread(batch, tokens, torch.device("meta")) == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 12)  # the parts must divide evenly
+    assert block_engine._parts_per_thread(1, 65536, torch.device("cpu")) == 4
+    assert block_engine._parts_per_thread(3, 65536, torch.device("cpu")) == 4

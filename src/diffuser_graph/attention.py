@@ -99,7 +99,7 @@ def _by_heads(plan: Plan, attend: Callable[..., tuple[torch.Tensor, ...]],
         return whole(q, k, v, hop_weights)
     if not return_attention and torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (q, k, v, hop_weights)):
-        return recomputed_attention(plan, attend, series, recompute_heads, not recompute_hops,
+        return recomputed_attention(attend, series, recompute_heads, not recompute_hops,
                                     q, k, v, hop_weights), None
     # nothing to recompute (no gradient wanted, or the returned attention needs its graph):
     # the chunks only bound the memory in use at a time

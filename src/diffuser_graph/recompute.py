@@ -21,8 +21,6 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from .engines import Plan
-
 
 class _GradientTap(torch.autograd.Function):
     """``x`` unchanged, its gradient appended to ``tap`` in backward: a point of a graph whose
@@ -73,27 +71,27 @@ class _AttentionSlots:
 
 
 class _TappedSeries:
-    """``series(A, z, hop_weights)`` on a graph of its own, ``A`` and ``z`` entering through
+    """``series(A, v, hop_weights)`` on a graph of its own, ``A`` and ``v`` entering through
     taps, so that :meth:`grads` hands back their gradients (and ``hop_weights``'s) while the
     graph holds neither; with ``slots`` it keeps no tensor of ``A``'s storage either, and the
     output's memory is freed once read (:meth:`release_output`)."""
 
     def __init__(self, series: Callable[..., torch.Tensor], attention: tuple[torch.Tensor, ...],
-                 z: torch.Tensor, hop_weights: torch.Tensor | None,
+                 v: torch.Tensor, hop_weights: torch.Tensor | None,
                  slots: _AttentionSlots | None = None) -> None:
-        self.anchor = z.new_zeros((), requires_grad=True)
+        self.anchor = v.new_zeros((), requires_grad=True)
         self.taps: list[list[torch.Tensor]] = [[] for _ in range(len(attention) + 1)]
         self.hop_weights = (None if hop_weights is None
                             else hop_weights.detach().requires_grad_(hop_weights.requires_grad))
         self.slots = slots
-        if slots is not None:  # z is the caller's: never released with the output
-            slots.kept.add(_storage(z))
+        if slots is not None:  # v is the caller's: never released with the output
+            slots.kept.add(_storage(v))
         hooks = (contextlib.nullcontext() if slots is None
                  else torch.autograd.graph.saved_tensors_hooks(slots.pack, slots.unpack))
         with torch.enable_grad(), hooks:
-            *tapped, z = (_GradientTap.apply(self.anchor, x.detach(), tap)
-                          for x, tap in zip((*attention, z), self.taps, strict=True))
-            self.out = series(tuple(tapped), z, self.hop_weights)
+            *tapped, v = (_GradientTap.apply(self.anchor, x.detach(), tap)
+                          for x, tap in zip((*attention, v), self.taps, strict=True))
+            self.out = series(tuple(tapped), v, self.hop_weights)
 
     def release_output(self) -> None:
         """Free the output's memory (its values were read), unless the graph saved it: only its
@@ -104,7 +102,7 @@ class _TappedSeries:
 
     def grads(self, grad: torch.Tensor, attention: tuple[torch.Tensor, ...]
               ) -> tuple[list[torch.Tensor | None], torch.Tensor | None, torch.Tensor | None]:
-        """From the output's ``grad``: the gradient of each attention part, of ``z`` and of
+        """From the output's ``grad``: the gradient of each attention part, of ``v`` and of
         ``hop_weights`` (None where none flowed or none is wanted). ``attention``: the
         recomputed parts. Frees the graph."""
         if self.slots is not None:
@@ -135,7 +133,7 @@ class _RecomputedAttention(torch.autograd.Function):
     built again on its heads of ``v``)."""
 
     @staticmethod
-    def forward(ctx: Any, plan: Plan, attend: Callable[..., tuple[torch.Tensor, ...]],
+    def forward(ctx: Any, attend: Callable[..., tuple[torch.Tensor, ...]],
                 series: Callable[..., torch.Tensor], heads: int, keep_hops: bool,
                 q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 hop_weights: torch.Tensor | None) -> torch.Tensor:
@@ -145,16 +143,16 @@ class _RecomputedAttention(torch.autograd.Function):
             chunk = _Chunk(slice(first, min(first + heads, v.shape[1])), _rng_state(q.device),
                            None)
             attention = attend(q[:, chunk.heads], k[:, chunk.heads])
-            z, weights = v[:, chunk.heads], _rows(hop_weights, chunk.heads)
+            values, weights = v[:, chunk.heads], _rows(hop_weights, chunk.heads)
             if keep_hops:
-                chunk.graph = _TappedSeries(series, attention, z, weights,
+                chunk.graph = _TappedSeries(series, attention, values, weights,
                                             _AttentionSlots(attention))
                 out[:, chunk.heads] = chunk.graph.out
                 chunk.graph.release_output()
             else:
-                out[:, chunk.heads] = series(attention, z, weights)
+                out[:, chunk.heads] = series(attention, values, weights)
             ctx.chunks.append(chunk)
-        ctx.plan, ctx.attend, ctx.series, ctx.keep_hops = plan, attend, series, keep_hops
+        ctx.attend, ctx.series, ctx.keep_hops = attend, series, keep_hops
         ctx.save_for_backward(q, k, hop_weights, v)
         return out
 
@@ -177,7 +175,7 @@ class _RecomputedAttention(torch.autograd.Function):
                 if graph is None:  # hops not kept, or a second backward: the same dropout
                     graph = _TappedSeries(ctx.series, attention, v[:, chunk.heads],
                                           _rows(hop_weights, chunk.heads))
-            attention_grads, grad_z, grad_weights = graph.grads(grad[:, chunk.heads], attention)
+            attention_grads, grad_v, grad_weights = graph.grads(grad[:, chunk.heads], attention)
             reached = [(part, g) for part, g in zip(attention, attention_grads, strict=True)
                        if g is not None]
             sources = [x for x in (q_, k_) if x.requires_grad]
@@ -186,13 +184,13 @@ class _RecomputedAttention(torch.autograd.Function):
                          if reached and sources else [None] * len(sources))
             for into, value in zip(grads, (
                     *(next(found) if x.requires_grad else None for x in (q_, k_)),
-                    grad_z if ctx.needs_input_grad[7] else None,
+                    grad_v if ctx.needs_input_grad[6] else None,
                     grad_weights), strict=True):
                 into.append(value)
             # this chunk's attention, graph and gradients are not kept while the next one runs
-            del graph, attention, attention_grads, grad_z, reached, found, q_, k_
+            del graph, attention, attention_grads, grad_v, reached, found, q_, k_
         spans = [chunk.heads for chunk in ctx.chunks]
-        return (None, None, None, None, None,
+        return (None, None, None, None,
                 *(_joined(parts, like, spans, dim) for parts, like, dim in zip(
                     grads, (q, k, grad, hop_weights), (1, 1, 1, 0), strict=True)))
 
@@ -212,25 +210,22 @@ def _joined(parts: list[torch.Tensor | None], like: torch.Tensor | None,
                      dim=dim)
 
 
-def recomputed_attention(plan: Plan, attend: Callable[..., tuple[torch.Tensor, ...]],
+def recomputed_attention(attend: Callable[..., tuple[torch.Tensor, ...]],
                          series: Callable[..., torch.Tensor], heads: int, keep_hops: bool,
                          q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          hop_weights: torch.Tensor | None) -> torch.Tensor:
-    """``series(attend(q, k), plan.enter(v), h, hop_weights)`` computed ``heads`` heads at a
-    time, differentiable in ``q``, ``k``, ``v`` and ``hop_weights``, without keeping the
-    attention for backward: backward runs ``attend`` again, chunk by chunk, with the random
-    state of the forward (its dropout draws the same masks). With ``keep_hops`` it keeps what
-    ``series`` saves besides the attention (the hops' inputs); without, it keeps only ``q``,
-    ``k`` and ``plan.enter(v)`` and runs the series again too (the same dropout).
+    """``series(attend(q, k), v, hop_weights)`` computed ``heads`` heads at a time,
+    differentiable in ``q``, ``k``, ``v`` and ``hop_weights``, without keeping the attention
+    for backward: backward runs ``attend`` again, chunk by chunk, with the random state of the
+    forward (its dropout draws the same masks). With ``keep_hops`` it keeps what ``series``
+    saves besides the attention (the hops' inputs); without, it keeps only ``q``, ``k`` and
+    ``v`` and runs the series again too (the same dropout).
 
     ``q, k: (N, H, D)``, ``v: (N, H, Dv)``, ``hop_weights: (H, K + 1)`` or None.
     ``attend(q, k)`` returns the attention as a tuple of tensors (the plan's parts), made by
-    the same code in the same layout on every call; ``series(attention, z, h, hop_weights)``
-    the output ``(N, h, Dv)`` of ``h`` heads from ``z`` in the plan's layout. ``v``'s gradient
-    is the plan's ``leave`` of ``z``'s (``leave`` is ``enter``'s adjoint: both move rows,
-    ``enter`` pads). A second backward through the same graph (``retain_graph=True``) runs
-    the series again; the gradients are not differentiable themselves (``create_graph`` raises
-    when differentiated).
+    the same code in the same layout on every call; ``series(attention, v, hop_weights)`` the
+    output ``(N, h, Dv)`` of the ``h`` heads of ``v``. A second backward through the same graph
+    (``retain_graph=True``) runs the series again; the gradients are not differentiable
+    themselves (``create_graph`` raises when differentiated).
     """
-    return _RecomputedAttention.apply(plan, attend, series, heads, keep_hops, q, k, v,
-                                      hop_weights)
+    return _RecomputedAttention.apply(attend, series, heads, keep_hops, q, k, v, hop_weights)

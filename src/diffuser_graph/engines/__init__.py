@@ -1,18 +1,20 @@
 """Engines: interchangeable ways to compute one-hop edge attention and to propagate along it.
 
 Each engine turns a batch (lengths, pattern, DGL graph, device) into a *plan*, once per batch,
-and the plan offers the same three operations, so diffusion is written once
+and the plan offers the same operations, so diffusion is written once
 (:func:`diffuser_graph.attention.diffusion_attention`):
 
 - ``attention(q, k)``: the row-stochastic one-hop attention ``A`` from ``q, k: (N, H, D)``, as a
   tuple of tensors in the engine's own layout;
 - ``enter(v)`` and ``leave(z, heads)``: packed ``(N, H, Dv)`` tokens into the layout the engine
-  propagates in, and back (the identity for ``dgl`` and ``gather``), so K hops stay there;
+  propagates in, and back (the identity for ``dgl`` and ``gather``), so the hops of a series
+  that keeps every power (the learned kernel's) stay there;
 - ``propagate(attention, z)``: ``A z`` for ``z`` in that layout;
 - ``diffuse(attention, v, diffusion, hop_dropout, after_mix)``: the K-hop series
-  (:meth:`diffuser_graph.diffusion.Diffusion.apply`) with dropout on every ``A z`` (or after
-  every mix with ``theta_k v``: the authors' placement); ``dgl`` and
-  ``gather`` leave its gradient to autograd, ``block`` computes it with the adjoint series;
+  (:meth:`diffuser_graph.diffusion.Diffusion.apply`) of packed ``v: (N, H, Dv)``, packed, with
+  dropout on every ``A z`` (or after every mix with ``theta_k v``: the authors' placement);
+  ``dgl`` and ``gather`` leave its gradient to autograd, ``block`` enters its layout slice by
+  slice and computes the gradient with the adjoint series;
 - ``edge_attention(attention)``: ``A`` as ``(E, H)`` in the batch graph's edge order (only
   where ``plan.edge_order`` is true).
 

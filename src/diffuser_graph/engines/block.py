@@ -250,11 +250,12 @@ def _layout_on(seq_len: int, spec: PatternSpec, device: torch.device) -> BlockLa
 
 
 def _parts_per_thread(batch: int, tokens: int, device: torch.device) -> int:
-    """How many parts a global token's product over ``tokens`` tokens is cut into: on the CPU
-    one per thread where the batch is smaller than the thread count (``bmm`` runs a batch entry
-    on one thread; a slice of one long sequence has one head), else one."""
+    """How many parts a global token's product over ``tokens`` tokens is cut into: on the CPU,
+    where the batch is smaller than the thread count (``bmm`` runs a batch entry on one thread;
+    a slice of one long sequence has one head), as many as the threads per batch entry that
+    divide the tokens evenly; else one."""
     parts = torch.get_num_threads() // batch if device.type == "cpu" else 1
-    return parts if parts > 1 and tokens % parts == 0 else 1
+    return math.gcd(max(parts, 1), tokens)  # parts of equal length
 
 
 def _over_tokens(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -420,7 +421,7 @@ def _attention_grads(layout: BlockLayout, g: torch.Tensor, z: torch.Tensor, gath
     return band, to_globals, random, rows
 
 
-PARTS = 4  # tensors of one group's attention: band, global keys, random keys, global rows
+PARTS = 4  # tensors of one slice's attention: band, global keys, random keys, global rows
 
 
 # The most rows (sequences x heads x tokens) one batched computation holds on the CPU. The hops
@@ -435,7 +436,8 @@ CHUNK_ROWS = 2**16
 @dataclass
 class _Group:
     """Sequences of one length: their packed rows (sequence-major), their shared layout, and the
-    random keys' gather index for ``count * heads`` stacked sequences (made on first use)."""
+    random keys' gather index per number of stacked (sequence, head) pairs (a slice's size;
+    made on first use)."""
 
     layout: BlockLayout
     rows: torch.Tensor  # (count * n,) positions in the packed tokens
@@ -451,7 +453,7 @@ class _Group:
         return self.gathers[batch]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Slice:
     """One batched computation: ``size`` consecutive (sequence, head) pairs of one group, from
     its pair ``first`` (pair ``c * H + h`` is head ``h`` of the group's sequence ``c``)."""
@@ -511,11 +513,15 @@ class _Slice:
 class BlockPlan:
     """Sequences grouped by length; each group is batched computations on its layout, with the
     sequences of the group next to the heads in the leading (batch) dimension, cut into slices
-    of at most :data:`CHUNK_ROWS` rows on the CPU.
+    of at most :data:`CHUNK_ROWS` rows on the CPU; the attention is :data:`PARTS` tensors per
+    slice.
 
-    The diffusion runs in the plan's own layout (:meth:`enter`, :meth:`leave`): every group's
-    ``(count * H, padded, D)`` rows stacked into one ``(rows, D)`` tensor, so the K hops move no
-    data between layouts; the attention is :data:`PARTS` tensors per slice.
+    The diffusion (:meth:`diffuse`) takes packed values and runs slice by slice: each slice's
+    rows enter the head-major layout (:meth:`entered`), run every hop there and leave
+    (:meth:`packed`) before the next slice's enter. :meth:`enter`, :meth:`leave` and
+    :meth:`propagate` move and propagate the whole plan layout at once, every group's
+    ``(count * H, padded, D)`` rows stacked into one ``(rows, D)`` tensor (the learned kernel's
+    series keeps every power of ``A`` applied to ``v``).
     """
 
     name = "block"
@@ -613,10 +619,13 @@ class BlockPlan:
         ``x: (N, H, D)`` (any strides), the ``(size, padded, D')`` results packed as
         ``(N, H, D')``. The slices enter and leave one at a time: no tensor of the whole plan
         layout is made."""
-        slices = self.slices(x.shape[1])
-        return self.packed((fn(piece, attention[PARTS * i:PARTS * (i + 1)], slab)
-                            for i, (piece, slab) in enumerate(zip(slices, self.entered(x),
-                                                                  strict=True))), x.shape[1])
+        def results() -> Iterator[torch.Tensor]:
+            slabs = self.entered(x)
+            for i, piece in enumerate(self.slices(x.shape[1])):
+                # the slab goes straight to fn: no name here keeps it while fn runs
+                yield fn(piece, attention[PARTS * i:PARTS * (i + 1)], next(slabs))
+
+        return self.packed(results(), x.shape[1])
 
     @staticmethod
     def tokens(group: _Group, x: torch.Tensor) -> torch.Tensor:
@@ -747,7 +756,7 @@ class _Diffusion(torch.autograd.Function):
         out = plan.map_slices(attention, v, series)
         ctx.plan, ctx.diffusion, ctx.hop_dropout = plan, diffusion, hop_dropout
         ctx.after_mix, ctx.parts, ctx.inputs = after_mix, len(attention), keep_inputs
-        ctx.kept = len(inputs)
+        ctx.later_inputs = len(inputs)
         ctx.save_for_backward(*attention, *((v,) if keep_inputs else ()), *inputs, *masks)
         return out
 
@@ -756,8 +765,10 @@ class _Diffusion(torch.autograd.Function):
         hops = ctx.diffusion.hops
         attention, rest = ctx.saved_tensors[:ctx.parts], ctx.saved_tensors[ctx.parts:]
         v = rest[0] if ctx.inputs else None
-        inputs, masks = rest[ctx.inputs:ctx.inputs + ctx.kept], rest[ctx.inputs + ctx.kept:]
         later = hops - 1 if ctx.inputs else 0  # hop inputs kept per slice
+        assert ctx.later_inputs == later * len(ctx.plan.slices(grad.shape[1]))
+        inputs = rest[ctx.inputs:ctx.inputs + ctx.later_inputs]
+        masks = rest[ctx.inputs + ctx.later_inputs:]
         v_tokens: list[Any] = [None, None]  # a group and its tokens of v, one group at a time
         attention_grads: list[torch.Tensor | None] = []
 
@@ -772,7 +783,9 @@ class _Diffusion(torch.autograd.Function):
                     v_tokens[:] = piece.group, ctx.plan.tokens(piece.group, v)
                 return piece.enter(v_tokens[1])
 
-            grad_v, grads = _adjoint_series(ctx, piece, parts, g_slab,
+            handed = [g_slab]  # only the first hop reads it: not held through the others
+            del g_slab
+            grad_v, grads = _adjoint_series(ctx, piece, parts, handed,
                                             hop_input if v is not None else None,
                                             masks[index * hops:(index + 1) * hops])
             attention_grads.extend(grads if grads is not None else [None] * PARTS)
@@ -785,11 +798,13 @@ class _Diffusion(torch.autograd.Function):
 
 
 def _adjoint_series(ctx: Any, piece: _Slice, parts: tuple[torch.Tensor, ...],
-                    grad: torch.Tensor, hop_input: Callable[[int], torch.Tensor] | None,
+                    handed: list[torch.Tensor], hop_input: Callable[[int], torch.Tensor] | None,
                     kept: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Any]:
     """One slice's gradients of ``v`` and of its attention parts (None without ``hop_input``,
-    which gives a hop's input) from ``grad``, the gradient of its output, by the adjoint series
-    of :class:`_Diffusion`."""
+    which gives a hop's input) from the gradient of its output, handed over as the one item of
+    ``handed`` (taken out, so it is freed once used), by the adjoint series of
+    :class:`_Diffusion`. ``kept``: the hops' dropout masks."""
+    grad = handed.pop()
     theta, hops = ctx.diffusion.coefficients, ctx.diffusion.hops
     attention_grads = None
     grad_v: torch.Tensor | None = None  # made by its first term, not zeros plus it
