@@ -571,12 +571,12 @@ class BlockPlan:
         return [part.view(-1, piece.layout.padded, x.shape[-1])
                 for part, piece in zip(parts, slices, strict=True)]
 
-    def per_slice(self, attention: tuple[torch.Tensor, ...],
-                  *tensors: torch.Tensor) -> list[tuple[Any, ...]]:
-        """Each slice with its attention parts and its slab of each tensor (plan layout)."""
-        slabs = [self._slabs(x, self.heads(tensors[0])) for x in tensors]
-        return [(piece, attention[PARTS * i:PARTS * (i + 1)], *(slab[i] for slab in slabs))
-                for i, piece in enumerate(self.slices(self.heads(tensors[0])))]
+    def per_slice(self, attention: tuple[torch.Tensor, ...], z: torch.Tensor
+                  ) -> list[tuple[_Slice, tuple[torch.Tensor, ...], torch.Tensor]]:
+        """Each slice with its attention parts and its slab of ``z`` (plan layout)."""
+        heads = self.heads(z)
+        return [(piece, attention[PARTS * i:PARTS * (i + 1)], slab) for i, (piece, slab) in
+                enumerate(zip(self.slices(heads), self._slabs(z, heads), strict=True))]
 
     def entered(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         """Each slice's ``(size, padded, D)`` rows of packed ``x: (N, H, D)`` (any strides),
